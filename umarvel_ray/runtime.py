@@ -1,0 +1,101 @@
+"""Connecting to Ray the same way on a laptop and on a cluster, plus small version shims.
+
+Jobs call `ensure_ray()` first: under `ray job submit` (or with RAY_ADDRESS set) it joins that
+cluster; on a laptop it starts an in-process local Ray bound to loopback. Everything that differs
+between Ray releases lives here, in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def local_ray_env() -> None:
+    """Environment that keeps a local Ray on loopback and without token auth (see ENVIRONMENT)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    include_dashboard: bool = False,
+) -> bool:
+    """Connect to Ray; return True if this call started a new local cluster.
+
+    `address=None` joins `RAY_ADDRESS` when set (what `ray job submit` provides), otherwise starts a
+    local in-process cluster on 127.0.0.1. An already-initialised Ray is reused untouched.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    local_ray_env()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+        return False
+    kwargs: dict[str, Any] = dict(
+        address="local",
+        _node_ip_address=LOOPBACK,
+        include_dashboard=include_dashboard,
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        log_to_driver=True,
+    )
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    log.info("started local Ray: %s", ray.cluster_resources())
+    return True
+
+
+def actor_pool(min_size: int, max_size: int | None = None) -> dict[str, Any]:
+    """`map_batches` kwargs for an autoscaling actor pool, whatever the Ray release wants.
+
+    Ray 2.60 deprecates `concurrency=` for actors in favour of `compute=ActorPoolStrategy(...)`;
+    older releases only had `concurrency=(min, max)`.
+    """
+    max_size = max(min_size, max_size or min_size)
+    try:
+        from ray.data import ActorPoolStrategy
+
+        return {"compute": ActorPoolStrategy(min_size=min_size, max_size=max_size)}
+    except ImportError:  # pragma: no cover - very old Ray
+        return {"concurrency": (min_size, max_size)}
+
+
+def task_pool(max_tasks: int | None = None) -> dict[str, Any]:
+    """`map_batches`/`map` kwargs for a stateless CPU stage."""
+    if max_tasks is None:
+        return {}
+    try:
+        from ray.data import TaskPoolStrategy
+
+        return {"compute": TaskPoolStrategy(size=max_tasks)}
+    except ImportError:  # pragma: no cover
+        return {"concurrency": max_tasks}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def cluster_gpus() -> float:
+    """GPUs in the connected Ray cluster (0 on a CPU laptop)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
