@@ -1,0 +1,45 @@
+"""Evaluate an embedder on M-BEIR (16 tasks, local and global pools) or on the toy benchmark.
+
+    python jobs/evaluate.py data_root=/data/M-BEIR model=runs/stage3/merged out_dir=runs/eval
+    python jobs/evaluate.py data_root=toy model=tiny out_dir=runs/toy-eval tasks=[mscoco_task0,cirr_task7] \\
+        pools=[local] instruction=fixed prompt_index=0 use_gpu=false
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/evaluate.py --config CFG ...
+
+Embeds the queries and the global union pool once (Ray Data), cuts each task's local index out of
+the global embeddings, searches exactly (faiss Flat by default), and writes out_dir/mbeir.json,
+out_dir/mbeir.md, out_dir/runs/<task>.<pool>.trec and out_dir/config.yaml. Rerunning the same
+command reuses finished embeddings and indexes. Missing task files are skipped and reported.
+Exit codes: 0 done, 2 bad config (or nothing to evaluate), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.eval.evaluate import EvalConfig, run_evaluation
+from umarvel_ray.progress import setup_logging
+
+log = logging.getLogger("umarvel_ray.jobs.evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `--config FILE key=value ...`, run the evaluation, print the table and SUMMARY line."""
+    setup_logging()
+    try:
+        cfg = parse_job_args(EvalConfig, argv, description=__doc__ or "")
+        report = run_evaluation(cfg)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
+    with open(report["paths"]["markdown"]) as f:
+        print(f.read(), flush=True)
+    for key, why in report["skipped"].items():
+        print(f"SKIPPED {key}: {why}", flush=True)
+    print(report["summary"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
