@@ -134,22 +134,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, then the YAML file (if any), then the overrides, validated."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    section: str | None = None,
+) -> T:
+    """Defaults of `cls`, then the YAML file (if any), then the overrides, validated.
+
+    `section` picks one top-level key of the YAML when it is there, so one recipe file
+    (`jobs/configs/toy.yaml`) configures `jobs/pipeline.py` and every single-step job alike.
+    """
     data = to_dict(cls())
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-        _deep_update(data, loaded, str(path))
+        if section is not None and isinstance(loaded.get(section), dict):
+            loaded = loaded[section]
+        deep_update(data, loaded, str(path))
     apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
+def deep_update(base: dict[str, Any], new: dict[str, Any], where: str = "") -> None:
+    """Merge `new` into `base` in place, recursing into mappings present on both sides."""
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v, f"{where}:{k}")
+            deep_update(base[k], v, f"{where}:{k}")
         else:
             base[k] = v
 
@@ -163,12 +175,12 @@ def save_config(cfg: Any, out_dir: str | Path, name: str = CONFIG_FILENAME) -> P
     return path
 
 
-def _help_lines(cls: type, prefix: str = "") -> list[str]:
+def help_lines(cls: type, prefix: str = "") -> list[str]:
     lines = []
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(_field_types(cls)[f.name])
         if dataclasses.is_dataclass(tp):
-            lines += _help_lines(tp, f"{prefix}{f.name}.")
+            lines += help_lines(tp, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else "(factory)"
             lines.append(f"  {prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}")
@@ -176,15 +188,24 @@ def _help_lines(cls: type, prefix: str = "") -> list[str]:
 
 
 def parse_job_args(
-    cls: type[T], argv: list[str] | None = None, description: str = "", default_config: str | None = None
+    cls: type[T],
+    argv: list[str] | None = None,
+    description: str = "",
+    default_config: str | None = None,
+    section: str | None = None,
 ) -> T:
     """Standard job CLI: `--config FILE` then `key=value` overrides; `--help` lists every key."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override with key=value):\n" + "\n".join(_help_lines(cls)),
+        epilog="config keys (override with key=value):\n" + "\n".join(help_lines(cls)),
     )
     parser.add_argument("--config", default=default_config, help="YAML preset to load first")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides)
+    return load_config(cls, args.config, args.overrides, section=section)
+
+
+# Older private names, still imported by a few modules.
+_deep_update = deep_update
+_help_lines = help_lines
