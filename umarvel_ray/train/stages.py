@@ -1,0 +1,238 @@
+"""Training stage configs: one `TrainConfig` per stage, the recipe's five presets, the chain.
+
+A stage config is resolved in layers, each overriding the one before:
+`TrainConfig` defaults -> the stage preset (RECIPE section 3 table) -> the job YAML's `common`
+section -> the job YAML's `<stage>` section -> CLI `stageN.key=value` / `common.key=value`.
+An empty `model` means "the merged model of the previous stage of the chain" (the base model for
+the first one), which is how the chain of LoRA runs is stitched together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from umarvel_ray.config import ConfigError, _deep_update, from_dict, to_dict
+
+STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
+DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
+OBJECTIVES: tuple[str, ...] = ("infonce", "symmetric", "distill")
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one LoRA training stage needs (model, data, optimisation, scale, checkpointing)."""
+
+    stage: str = _f("stage3", "stage name; outputs go to <run_dir>/<stage>/")
+    run_dir: str = _f("runs/default", "run directory (shared storage on multi-node clusters)")
+    model: str = _f("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded")
+    # --- data
+    data_kind: str = _f("mbeir", "nli | caption | mbeir | distill (which example builder)")
+    data_root: str = _f("", "M-BEIR style data root; relative data paths and image paths resolve here")
+    train_file: str = _f("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)")
+    pool_file: str = _f("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)")
+    instructions_file: str = _f("instructions/query_instructions.tsv", "query instructions tsv (mbeir)")
+    negatives_file: str = _f("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded")
+    teacher_file: str = _f("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded")
+    num_negatives: int = _f(
+        0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
+    )
+    num_candidates: int = _f(50, "candidates per query for distillation (shorter lists are masked)")
+    max_examples: int = _f(0, "use only the first N examples (0 = all); for quick runs")
+    loader_workers: int = _f(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
+    # --- objective
+    objective: str = _f("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")
+    tau_init: float = _f(0.05, "initial temperature (a previous stage's learned tau is inherited)")
+    learn_tau: bool = _f(True, "learn log(tau) (frozen in stages 1-2)")
+    inherit_tau: bool = _f(True, "start from the tau stored with the input model when it has one")
+    mask_false_negatives: bool = _f(True, "remove in-batch candidates equal to a row's positive")
+    # --- model / LoRA
+    lora_r: int = _f(128, "LoRA rank")
+    lora_alpha: int = _f(256, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    gradient_checkpointing: bool = _f(False, "activation checkpointing (recipe: on, GPU)")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    embedder: dict = _f(
+        {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"
+    )
+    # --- optimisation
+    lr: float = _f(4e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "linear warmup fraction of total steps, then cosine decay")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
+    per_device_batch: int = _f(60, "queries per worker per step (in-batch negatives = workers x this)")
+    micro_batch: int = _f(0, "GradCache micro-batch (0 = no cache, encode the whole per-device batch)")
+    epochs: float = _f(1.0, "passes over the data (used when max_steps = 0)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs)")
+    seed: int = _f(42, "seed for shuffling, negative/instruction sampling and dropout")
+    # --- distributed
+    workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3 (recipe: 1)")
+    deepspeed_config: str = _f(
+        "", "DeepSpeed JSON template ('' = built-in for zero_stage); 'auto' values filled"
+    )
+    # --- logging / checkpoints / fault tolerance
+    log_every: int = _f(10, "log + report metrics every N steps")
+    save_every: int = _f(500, "DeepSpeed checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (Ray CheckpointConfig.num_to_keep)")
+    max_failures: int = _f(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
+    resume_from: str = _f("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+    inject_failure_at_step: int = _f(0, "testing: rank 0 raises once after this step (0 = never)")
+
+    def __post_init__(self) -> None:
+        if self.data_kind not in DATA_KINDS:
+            raise ConfigError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if (self.objective == "distill") != (self.data_kind == "distill"):
+            raise ConfigError("objective 'distill' goes with data_kind 'distill' and only with it")
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.per_device_batch < 1 or self.micro_batch < 0:
+            raise ConfigError("per_device_batch must be >= 1 and micro_batch >= 0")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+
+    # ---------------------------------------------------------------- derived paths
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.run_dir) / self.stage
+
+    @property
+    def model_dir(self) -> Path:
+        """Where the merged model of this stage is written."""
+        return self.stage_dir / "model"
+
+    def expand(self, value: str) -> str:
+        return value.replace("{run_dir}", str(self.run_dir))
+
+    def data_path(self, value: str) -> Path:
+        """A data path: '{run_dir}' expanded, relative paths resolved under data_root."""
+        p = Path(self.expand(value))
+        return p if p.is_absolute() or not self.data_root else Path(self.data_root) / p
+
+
+# The RECIPE section 3 table. Only what differs from the TrainConfig defaults is listed.
+STAGE_PRESETS: dict[str, dict[str, Any]] = {
+    "stage1": dict(
+        data_kind="nli",
+        train_file="pretrain/nli_pairs.jsonl",
+        objective="infonce",
+        num_negatives=1,
+        lora_r=64,
+        lora_alpha=128,
+        lr=2e-4,
+        per_device_batch=72,
+        epochs=2.0,
+        learn_tau=False,
+    ),
+    "stage2": dict(
+        data_kind="caption",
+        train_file="pretrain/caption_pairs.jsonl",
+        objective="symmetric",
+        num_negatives=0,
+        lora_r=128,
+        lora_alpha=256,
+        lr=1e-4,
+        per_device_batch=60,
+        epochs=1.0,
+        learn_tau=False,
+    ),
+    "stage3": dict(
+        data_kind="mbeir",
+        objective="infonce",
+        num_negatives=0,
+        lora_r=128,
+        lora_alpha=256,
+        lr=4e-4,
+        per_device_batch=60,
+        epochs=1.0,
+        learn_tau=True,
+    ),
+    "stage4": dict(
+        data_kind="mbeir",
+        objective="infonce",
+        num_negatives=5,
+        negatives_file="{run_dir}/negatives/negatives.jsonl",
+        lora_r=128,
+        lora_alpha=256,
+        lr=1.5e-5,
+        per_device_batch=17,
+        epochs=1.0,
+        learn_tau=True,
+    ),
+    "stage5": dict(
+        data_kind="distill",
+        objective="distill",
+        teacher_file="{run_dir}/teacher/teacher.jsonl",
+        num_candidates=50,
+        lora_r=128,
+        lora_alpha=256,
+        lr=1e-5,
+        per_device_batch=2,
+        epochs=1.0,
+        learn_tau=True,
+    ),
+}
+
+
+@dataclass
+class TrainJobConfig:
+    """`jobs/train.py` config: shared settings, per-stage sections, and which stages to run."""
+
+    run_dir: str = _f("runs/default", "run directory shared by all stages")
+    data_root: str = _f("", "data root (M-BEIR layout)")
+    model: str = _f("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain")
+    stages: list[str] = _f(list(STAGE_ORDER), "stages to run, in order (the chain order is STAGE_ORDER)")
+    common: dict = _f({}, "TrainConfig keys applied to every stage (below the stage sections)")
+    stage1: dict = _f({}, "TrainConfig overrides for stage 1 (text pairs)")
+    stage2: dict = _f({}, "TrainConfig overrides for stage 2 (caption -> image)")
+    stage3: dict = _f({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)")
+    stage4: dict = _f({}, "TrainConfig overrides for stage 4 (hard negatives)")
+    stage5: dict = _f({}, "TrainConfig overrides for stage 5 (distillation)")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+
+
+def stage_config(job: TrainJobConfig, name: str) -> TrainConfig:
+    """Resolve one stage: defaults < preset < common < stage section; chain the input model."""
+    if name not in STAGE_ORDER:
+        raise ConfigError(f"unknown stage {name!r}; known: {list(STAGE_ORDER)}")
+    data = to_dict(TrainConfig())
+    _deep_update(data, dict(STAGE_PRESETS[name]), f"preset {name}")
+    data.update(stage=name, run_dir=job.run_dir, data_root=job.data_root)
+    _deep_update(data, dict(job.common), "common")
+    _deep_update(data, dict(getattr(job, name)), name)
+    data["stage"], data["run_dir"] = name, job.run_dir
+    cfg = from_dict(TrainConfig, data, name)
+    if not cfg.model:
+        chain = [s for s in STAGE_ORDER if s in job.stages or s == name]
+        idx = chain.index(name)
+        cfg = dataclasses.replace(
+            cfg, model=job.model if idx == 0 else str(Path(job.run_dir) / chain[idx - 1] / "model")
+        )
+    return dataclasses.replace(cfg, model=cfg.expand(cfg.model))
+
+
+def resolve_stages(job: TrainJobConfig, only: str | None = None) -> list[TrainConfig]:
+    """The stage configs to run, in chain order (`only` picks a single stage)."""
+    names = [s for s in STAGE_ORDER if s in job.stages]
+    if only is not None:
+        if only not in STAGE_ORDER:
+            raise ConfigError(f"unknown stage {only!r}; known: {list(STAGE_ORDER)}")
+        names = [only]
+    return [stage_config(job, n) for n in names]

@@ -1,0 +1,72 @@
+"""Launch one training stage on Ray Train: TorchTrainer around `train_loop_per_worker`.
+
+Ray only places and restarts the workers; the loop owns DeepSpeed (see loop.py). Run state lives
+under `<run_dir>/ray/<stage>` (RunConfig storage_path + name), so submitting the same stage again
+with the same run_dir resumes from its latest checkpoint, and a stage whose `<run>/<stage>/model`
+and summary exist is skipped, which makes the whole chain restartable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from umarvel_ray.train.loop import SUMMARY_FILE, train_loop_per_worker
+from umarvel_ray.train.stages import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def stage_done(cfg: TrainConfig) -> bool:
+    """True when the stage's merged model and its summary are both on disk."""
+    return (cfg.model_dir / "config.json").is_file() and (cfg.stage_dir / SUMMARY_FILE).is_file()
+
+
+def build_trainer(cfg: TrainConfig) -> object:
+    """The TorchTrainer for a stage (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    storage = Path(cfg.run_dir).resolve() / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    config["run_dir"] = str(Path(cfg.run_dir).resolve())
+    for key in ("data_root", "deepspeed_config", "resume_from"):
+        if config[key]:  # workers may not share the driver's working directory
+            config[key] = str(Path(config[key]).resolve())
+    if cfg.model and Path(cfg.model).exists():
+        config["model"] = str(Path(cfg.model).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.stage,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def run_stage(cfg: TrainConfig, force: bool = False) -> Path:
+    """Train one stage with Ray Train (skipped when already done); returns `<run>/<stage>/model`."""
+    if stage_done(cfg) and not force:
+        log.info("%s already trained: %s (skipping)", cfg.stage, cfg.model_dir)
+        return cfg.model_dir
+    if not cfg.model:
+        raise ValueError(f"{cfg.stage}: no input model (set model or run the previous stage)")
+    result = build_trainer(cfg).fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    if not stage_done(cfg):
+        raise RuntimeError(f"{cfg.stage}: training finished but {cfg.model_dir} was not written")
+    log.info("%s: model at %s (checkpoint %s)", cfg.stage, cfg.model_dir, getattr(result, "checkpoint", None))
+    return cfg.model_dir
