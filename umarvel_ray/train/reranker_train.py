@@ -1,0 +1,543 @@
+"""Train the U-MARVEL re-ranker: a causal Qwen2-VL judge (LoRA, LM head) on Yes/No pairs.
+
+RECIPE section 3: every training query gives one pair (query, positive) labelled "Yes" and
+`negatives_per_positive` pairs (query, mined negative) labelled "No", the negatives coming from the
+stage-3 model's top-100 (`pipelines/mine.py` output, {qid, neg_dids}). The loss is the SFT
+cross-entropy of the answer token (`Reranker.loss`); the score at inference is P(Yes).
+
+Data order: the pairs of all queries are flattened (pair `p` = query `p // (1+k)`, slot
+`p % (1+k)`, slot 0 = the positive) and planned with `ShardPlan`, so epoch `e` visits a seeded
+permutation, rank `r` of `W` takes `perm[r::W]` and the global step alone fixes every rank's next
+batch (resume replays nothing and skips nothing). Which positive, which negatives and which
+instruction a query uses in an epoch come from `MBEIRTrain.example(query, epoch)`, a function of
+(seed, epoch, qid) only.
+
+The per-worker loop, checkpoint/resume contract and Ray launch follow `train/loop.py` and
+`train/trainer.py` (same helpers); outputs live under `output` (default `<run_dir>/reranker`):
+`model/` (merged HF dir + umarvel_reranker.json), `checkpoints/` (without Ray), `steps.jsonl`,
+`config.yaml`, `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from umarvel_ray.config import ConfigError, _deep_update, from_dict, save_config, to_dict
+from umarvel_ray.model.losses import stable_id
+from umarvel_ray.train.data import MBEIRTrain, ShardPlan
+from umarvel_ray.train.loop import (
+    STEPS_FILE,
+    SUMMARY_FILE,
+    _prune,
+    _report,
+    _resume_dir,
+    _StepLog,
+    deepspeed_config,
+    import_deepspeed,
+    init_distributed,
+    lr_lambda,
+    ray_train_active,
+    read_state,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "reranker"
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RerankerTrainConfig:
+    """Everything the re-ranker's LoRA SFT run needs (model, pairs, optimisation, scale, checkpoints)."""
+
+    model: str = _f("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)")
+    run_dir: str = _f("runs/default", "run directory (shared storage on multi-node clusters)")
+    output: str = _f("", "output dir ('' = <run_dir>/reranker); merged model goes to <output>/model")
+    # --- data
+    data_root: str = _f("", "M-BEIR data root; relative data and image paths resolve here")
+    train_file: str = _f("query/train/mbeir_union_up_train.jsonl", "training queries (M-BEIR jsonl)")
+    pool_file: str = _f("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool")
+    instructions_file: str = _f("instructions/query_instructions.tsv", "query instructions tsv")
+    negatives_file: str = _f(
+        "{run_dir}/negatives/negatives.jsonl",
+        "mined negatives {qid, neg_dids} (file or its dir) from the stage-3 model's top-100; "
+        "a '{run_dir}' path is taken as is, other relative paths resolve under data_root",
+    )
+    negatives_per_positive: int = _f(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
+    max_examples: int = _f(0, "use only the first N training queries (0 = all)")
+    # --- model / LoRA
+    judge: str = _f("yes_no", "yes_no (U-MARVEL) | true_false (MM-Embed prompt)")
+    lora_r: int = _f(128, "LoRA rank")
+    lora_alpha: int = _f(256, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    gradient_checkpointing: bool = _f(False, "activation checkpointing (GPU runs)")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    reranker: dict = _f({}, "extra RerankerConfig overrides, e.g. {inputs: {max_pixels: 2352}}")
+    # --- optimisation
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "linear warmup fraction of total steps, then cosine decay")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
+    per_device_batch: int = _f(8, "pairs per worker per step")
+    epochs: float = _f(1.0, "passes over the pairs (used when max_steps = 0)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs)")
+    seed: int = _f(42, "seed for shuffling, positive/negative/instruction sampling and dropout")
+    # --- distributed
+    workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
+    deepspeed_config: str = _f("", "DeepSpeed JSON template ('' = built-in for zero_stage)")
+    # --- logging / checkpoints / fault tolerance
+    log_every: int = _f(10, "log + report loss/accuracy/samples per s every N steps")
+    save_every: int = _f(500, "DeepSpeed checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept")
+    max_failures: int = _f(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
+    resume_from: str = _f("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+
+    def __post_init__(self) -> None:
+        if self.judge not in ("yes_no", "true_false"):
+            raise ConfigError(f"judge must be yes_no or true_false, got {self.judge!r}")
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.per_device_batch < 1 or self.negatives_per_positive < 1:
+            raise ConfigError("per_device_batch and negatives_per_positive must be >= 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.log_every < 1 or self.save_every < 1:
+            raise ConfigError("log_every and save_every must be >= 1")
+
+    # ---------------------------------------------------------------- derived paths
+    @property
+    def stage(self) -> str:
+        return RUN_NAME
+
+    @property
+    def stage_dir(self) -> Path:
+        """The output directory (named like TrainConfig's so loop.py's resume helper applies)."""
+        return Path(self.output.replace("{run_dir}", self.run_dir) or Path(self.run_dir) / RUN_NAME)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.stage_dir / "model"
+
+    def data_path(self, value: str) -> Path:
+        """'{run_dir}' expanded; relative paths resolved under data_root."""
+        p = Path(value.replace("{run_dir}", str(self.run_dir)))
+        return p if p.is_absolute() or not self.data_root else Path(self.data_root) / p
+
+    def negatives_path(self) -> Path:
+        """The mined negatives jsonl (a directory means its negatives.jsonl, as `read_negatives`)."""
+        from umarvel_ray.pipelines.mine import NEGATIVES_NAME
+
+        raw = self.negatives_file
+        p = Path(raw.replace("{run_dir}", str(self.run_dir))) if "{run_dir}" in raw else self.data_path(raw)
+        return p / NEGATIVES_NAME if p.is_dir() else p
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs
+# ----------------------------------------------------------------------------------------------
+
+
+class RerankPairs:
+    """(query, candidate, label) pairs: per query 1 'Yes' (positive) + k 'No' (mined negatives)."""
+
+    def __init__(self, cfg: RerankerTrainConfig) -> None:
+        neg = cfg.negatives_path()
+        if not neg.is_file():
+            raise FileNotFoundError(f"mined negatives not found: {neg} (run jobs/mine_negatives.py first)")
+        self.k = cfg.negatives_per_positive
+        self.queries = MBEIRTrain(
+            cfg.data_path(cfg.train_file),
+            cfg.data_path(cfg.pool_file),
+            cfg.data_path(cfg.instructions_file),
+            cfg.seed,
+            negatives_path=neg,
+            num_negatives=self.k,
+            limit=cfg.max_examples,
+        )
+        if len(self.queries) == 0:
+            raise ValueError(f"no training query has both a positive and a mined negative ({neg})")
+
+    @property
+    def pairs_per_query(self) -> int:
+        return 1 + self.k
+
+    def __len__(self) -> int:
+        return len(self.queries) * self.pairs_per_query
+
+    def qid(self, index: int) -> str:
+        return str(self.queries.queries[index // self.pairs_per_query]["qid"])
+
+    def pair(self, index: int, epoch: int) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """Pair `index` of epoch `epoch`: (query item, candidate item, is_positive); image paths."""
+        q, slot = divmod(int(index), self.pairs_per_query)
+        ex = self.queries.example(q, epoch)
+        if slot == 0:
+            return ex["query"], ex["positive"], True
+        return ex["query"], ex["negatives"][slot - 1], False
+
+
+class PairBatcher:
+    """Example indices -> decoded pairs -> the reranker's training batch (labels on the answer)."""
+
+    def __init__(self, pairs: RerankPairs, reranker: Any, image_root: str | Path) -> None:
+        self.pairs, self.reranker, self.root = pairs, reranker, Path(image_root)
+        inputs = reranker.cfg.inputs
+        self.budget = {
+            k: v for k, v in (("min_pixels", inputs.min_pixels), ("max_pixels", inputs.max_pixels)) if v
+        }
+
+    def _decode(self, item: dict[str, Any]) -> dict[str, Any]:
+        from umarvel_ray.data.images import load_image
+
+        if not isinstance(item.get("image"), str):
+            return item
+        return {**item, "image": load_image(self.root, item["image"], **self.budget)}
+
+    def build(self, indices: list[int], epoch: int) -> tuple[dict[str, Any], int]:
+        """(collated batch, pairs dropped for undecodable images)."""
+        from umarvel_ray.data.images import ImageDecodeError
+
+        pairs: list[Pair] = []
+        labels: list[bool] = []
+        dropped = 0
+        for i in indices:
+            q, c, y = self.pairs.pair(int(i), epoch)
+            try:
+                pairs.append((self._decode(q), self._decode(c)))
+            except ImageDecodeError as e:
+                dropped += 1
+                log.warning("dropping training pair %d (epoch %d): %s", i, epoch, e.reason)
+                continue
+            labels.append(y)
+        if not pairs:
+            raise RuntimeError(f"every pair of a batch (epoch {epoch}) failed to decode: {list(indices)}")
+        return self.reranker.collate(pairs, labels), dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Model wrapper and loop
+# ----------------------------------------------------------------------------------------------
+
+
+class JudgeModule(nn.Module):
+    """What DeepSpeed wraps: forward(batch) -> (loss, per-pair correctness) via `Reranker.loss`.
+
+    The (B, V) answer logits are caught with a hook on the LM head during `Reranker.loss`, so the
+    accuracy (is the right one of the two answer words ahead?) costs no second forward.
+    """
+
+    def __init__(self, reranker: nn.Module) -> None:
+        super().__init__()
+        self.reranker = reranker
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        caught: list[torch.Tensor] = []
+        head = self.reranker.base_model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda _m, _i, out: caught.append(out.detach()))
+        try:
+            loss = self.reranker.loss(batch)
+        finally:
+            handle.remove()
+        pos, neg = self.reranker.collator.answer_ids
+        logits = caught[-1].float()
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        target = batch["labels"].to(logits.device)[rows, batch["answer_index"].to(logits.device) + 1]
+        correct = (logits[:, pos] > logits[:, neg]) == (target == pos)
+        return loss, correct
+
+
+def reranker_config(cfg: RerankerTrainConfig, use_gpu: bool) -> Any:
+    """RerankerConfig: defaults < this run's settings < `cfg.reranker` overrides."""
+    from umarvel_ray.model.reranker import RerankerConfig
+
+    data = to_dict(RerankerConfig())
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_gpu else "float32")
+    data.update(
+        model=cfg.model,
+        judge=cfg.judge,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dtype=dtype,
+        lora={"enabled": True, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout},
+    )
+    _deep_update(data, dict(cfg.reranker), "reranker")
+    return from_dict(RerankerConfig, data)
+
+
+def _global_mean(value: torch.Tensor, count: int, world: int) -> tuple[float, int]:
+    """(sum over ranks of value*count / total count, total count); value is a local mean."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value) * count, float(count)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return float(t[0] / max(t[1], 1.0)), int(t[1])
+
+
+def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
+    """Train the re-ranker on this rank (checkpoint/resume contract as in train/loop.py)."""
+    cfg = config if isinstance(config, RerankerTrainConfig) else from_dict(RerankerTrainConfig, dict(config))
+    under_ray = ray_train_active()
+    use_gpu = cfg.use_gpu and torch.cuda.is_available()
+    world, rank, _ = init_distributed(use_gpu)
+    ds = import_deepspeed()
+
+    from umarvel_ray.model.reranker import Reranker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.time()
+    rr_cfg = reranker_config(cfg, use_gpu)
+    reranker = Reranker.build(rr_cfg)
+    module = JudgeModule(reranker)
+    pairs = RerankPairs(cfg)
+    plan = ShardPlan(len(pairs), world, rank, cfg.per_device_batch, cfg.seed)
+    if plan.steps_per_epoch < 1:
+        raise ValueError(f"{len(pairs)} pairs do not fill one global batch of {plan.global_batch}")
+    total = plan.total_steps(cfg.epochs, cfg.max_steps)
+    ds_config = deepspeed_config(cfg, bf16=use_gpu and rr_cfg.dtype == "bfloat16")  # type: ignore[arg-type]
+    sched = (
+        None
+        if "scheduler" in ds_config
+        else (
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio)
+            )
+        )
+    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = ds.initialize(
+        model=module, model_parameters=params, config=ds_config, lr_scheduler=sched
+    )
+
+    start = 0
+    with _resume_dir(cfg, under_ray) as rdir:  # type: ignore[arg-type]
+        if rdir is not None and (rdir / "latest").is_file():
+            _, client = engine.load_checkpoint(str(rdir), load_module_strict=False)
+            state = (client or {}).get("train_state") or read_state(rdir)
+            if (state["world_size"], state["per_device_batch"]) != (world, cfg.per_device_batch):
+                raise RuntimeError(
+                    f"checkpoint was written with {state['world_size']} workers x {state['per_device_batch']} "
+                    f"per device; resuming with {world} x {cfg.per_device_batch} would change the data order"
+                )
+            start = int(state["global_step"])
+            if rank == 0:
+                log.info("resumed reranker from %s at global step %d", rdir, start)
+
+    batcher = PairBatcher(pairs, reranker, cfg.data_root or ".")
+    steps_log = _StepLog(cfg.stage_dir / STEPS_FILE, rank == 0)
+    ckpt_root = cfg.stage_dir / "checkpoints"
+    if rank == 0:
+        log.info(
+            "reranker: %d queries -> %d pairs (1 Yes + %d No), %d workers x %d = %d pairs/step, "
+            "%d steps/epoch, %d steps (from %d), zero %d",
+            len(pairs.queries),
+            len(pairs),
+            pairs.k,
+            world,
+            cfg.per_device_batch,
+            plan.global_batch,
+            plan.steps_per_epoch,
+            total,
+            start,
+            cfg.zero_stage,
+        )
+    window_t, window_pairs = time.time(), 0
+    last: dict[str, Any] = {}
+    for g0 in range(start, total):
+        epoch, step = plan.position(g0)
+        indices = plan.indices(epoch, step).tolist()
+        batch, dropped = batcher.build(indices, epoch)
+        torch.manual_seed(stable_id(f"{cfg.seed}|{rank}|{g0}") & 0x7FFF_FFFF)
+        lr = float(engine.get_lr()[0])
+        loss, correct = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        g = g0 + 1
+        n_local = int(correct.numel())
+        mean_loss, n_global = _global_mean(loss.detach().float(), n_local, world)
+        acc, _ = _global_mean(correct.float().mean(), n_local, world)
+        window_pairs += n_global
+        steps_log.write(
+            {
+                "step": g,
+                "epoch": epoch,
+                "batch": step,
+                "indices": indices,
+                "loss": mean_loss,
+                "dropped": dropped,
+            }
+        )
+        state = {
+            "global_step": g,
+            "epoch": epoch,
+            "step_in_epoch": step + 1,
+            "samples": g * plan.global_batch,
+            "total_steps": total,
+            "world_size": world,
+            "per_device_batch": cfg.per_device_batch,
+            "seed": cfg.seed,
+            "stage": RUN_NAME,
+        }
+        metrics: dict[str, Any] = {}
+        if g % cfg.log_every == 0 or g == total:
+            elapsed = max(time.time() - window_t, 1e-9)
+            metrics = {
+                "step": g,
+                "epoch": epoch,
+                "loss": mean_loss,
+                "accuracy": acc,
+                "lr": lr,
+                "samples_per_s": window_pairs / elapsed,
+            }
+            window_t, window_pairs = time.time(), 0
+            last = metrics
+            if rank == 0:
+                log.info(
+                    "reranker step %d/%d loss %.4f acc %.3f lr %.2e %.1f pairs/s",
+                    g,
+                    total,
+                    mean_loss,
+                    acc,
+                    lr,
+                    metrics["samples_per_s"],
+                )
+        if g % cfg.save_every == 0 or g == total:
+            if under_ray:
+                with tempfile.TemporaryDirectory(prefix="umarvel_rr_ckpt_") as tmp:
+                    save_checkpoint(engine, Path(tmp), state, rank)
+                    _report({**(metrics or {"step": g}), **state}, Path(tmp), name=f"step_{g:08d}")
+            else:
+                import torch.distributed as dist
+
+                ckpt_root.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(engine, ckpt_root, state, rank)
+                dist.barrier()
+                if rank == 0:
+                    _prune(ckpt_root, cfg.keep_checkpoints)
+        elif metrics and under_ray:
+            _report(metrics, None)
+
+    _finish(cfg, engine, reranker, rank, total, start, last, time.time() - t_start)
+
+
+def _finish(
+    cfg: RerankerTrainConfig,
+    engine: Any,
+    reranker: Any,
+    rank: int,
+    total: int,
+    start: int,
+    last: dict[str, Any],
+    seconds: float,
+) -> None:
+    """Rank 0 merges the LoRA and writes `<output>/model`, config.yaml and train_summary.json."""
+    import torch.distributed as dist
+
+    gather = contextlib.nullcontext()
+    if cfg.zero_stage == 3:
+        from deepspeed.zero import GatheredParameters
+
+        gather = GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gather:
+        if rank == 0:
+            out = cfg.model_dir
+            if out.exists():
+                shutil.rmtree(out)
+            reranker.merge_and_save(out)
+            save_config(cfg, out, name="train_config.yaml")
+            save_config(cfg, cfg.stage_dir)
+            summary = {
+                "stage": RUN_NAME,
+                "model_dir": str(out),
+                "total_steps": total,
+                "resumed_at": start,
+                "seconds": seconds,
+                "last": last,
+                "config": to_dict(cfg),
+            }
+            (cfg.stage_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            log.info("reranker done: model at %s", out)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train launch
+# ----------------------------------------------------------------------------------------------
+
+
+def reranker_done(cfg: RerankerTrainConfig) -> bool:
+    """True when `<output>/model` holds a saved model."""
+    return (cfg.model_dir / "config.json").is_file()
+
+
+def build_reranker_trainer(cfg: RerankerTrainConfig) -> Any:
+    """The TorchTrainer (gloo on CPU, NCCL on GPU) for the re-ranker run (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    storage = Path(cfg.run_dir).resolve() / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    config["run_dir"] = str(Path(cfg.run_dir).resolve())
+    config["output"] = str(cfg.stage_dir.resolve())
+    for key in ("data_root", "deepspeed_config", "resume_from"):
+        if config[key]:  # workers may not share the driver's working directory
+            config[key] = str(Path(config[key]).resolve())
+    config["negatives_file"] = str(cfg.negatives_path().resolve())
+    if cfg.model and Path(cfg.model).exists():
+        config["model"] = str(Path(cfg.model).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def run_reranker_training(cfg: RerankerTrainConfig, force: bool = False) -> Path:
+    """Train the re-ranker with Ray Train (skipped when `<output>/model` exists); returns that dir."""
+    if reranker_done(cfg) and not force:
+        log.info("reranker already trained: %s (skipping)", cfg.model_dir)
+        return cfg.model_dir
+    if not cfg.negatives_path().is_file():
+        raise FileNotFoundError(f"mined negatives not found: {cfg.negatives_path()}")
+    result = build_reranker_trainer(cfg).fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    if not reranker_done(cfg):
+        raise RuntimeError(f"reranker training finished but {cfg.model_dir} was not written")
+    log.info("reranker: model at %s", cfg.model_dir)
+    return cfg.model_dir
