@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE key=value ...`, run the evaluation, print the table and SUMMARY line."""
     setup_logging()
     try:
-        cfg = parse_job_args(EvalConfig, argv, description=__doc__ or "")
+        cfg = parse_job_args(EvalConfig, argv, description=__doc__ or "", section="eval")
         report = run_evaluation(cfg)
     except ConfigError as exc:
         log.error("config error: %s", exc)

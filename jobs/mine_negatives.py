@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE key=value ...`, run mining, return the exit code."""
     setup_logging()
     try:
-        cfg = parse_job_args(MineConfig, argv, description=__doc__ or "")
+        cfg = parse_job_args(MineConfig, argv, description=__doc__ or "", section="mine")
         result = run_mining(cfg)
     except ConfigError as exc:
         log.error("config error: %s", exc)

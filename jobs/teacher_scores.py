@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE key=value ...`, run teacher scoring, return the exit code."""
     setup_logging()
     try:
-        cfg = parse_job_args(TeacherConfig, argv, description=__doc__ or "")
+        cfg = parse_job_args(TeacherConfig, argv, description=__doc__ or "", section="teacher")
         result = run_teacher_scoring(cfg)
     except ConfigError as exc:
         log.error("config error: %s", exc)

@@ -56,3 +56,10 @@ def test_saved_config_round_trips(tmp_path):
 def test_parse_job_args_cli():
     cfg = parse_job_args(Outer, ["steps=3", "name=abc"])
     assert (cfg.steps, cfg.name) == (3, "abc")
+
+
+def test_section_inherits_shared_top_level_keys(tmp_path):
+    cfg_file = tmp_path / "recipe.yaml"
+    cfg_file.write_text(yaml.safe_dump({"name": "shared", "steps": 5, "train": {"steps": 9}, "other": {"x": 1}}))
+    cfg = load_config(Outer, cfg_file, ["inner.lr=1"], section="train")
+    assert (cfg.name, cfg.steps, cfg.inner.lr) == ("shared", 9, 1.0)

@@ -151,10 +151,18 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         if section is not None and isinstance(loaded.get(section), dict):
-            loaded = loaded[section]
+            loaded = _section(cls, loaded, section)
         deep_update(data, loaded, str(path))
     apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
+
+
+def _section(cls: type, loaded: dict[str, Any], section: str) -> dict[str, Any]:
+    """One section of a recipe file, inheriting the file's shared top-level scalars it also has
+    (`run_dir`, `data_root`, ...) unless the section sets them itself."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    shared = {k: v for k, v in loaded.items() if k in names and not isinstance(v, dict)}
+    return {**shared, **loaded[section]}
 
 
 def deep_update(base: dict[str, Any], new: dict[str, Any], where: str = "") -> None:

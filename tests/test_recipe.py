@@ -1,0 +1,61 @@
+"""The recipe presets load into every job's config, and the chain wires outputs to inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from umarvel_ray.config import ConfigError, load_config
+from umarvel_ray.eval.evaluate import EvalConfig
+from umarvel_ray.pipelines.mine import MineConfig
+from umarvel_ray.pipelines.teacher import TeacherConfig
+from umarvel_ray.recipe import STEPS, Recipe, RecipeConfig
+from umarvel_ray.train.reranker_train import RerankerTrainConfig
+from umarvel_ray.train.stages import TrainJobConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = ["jobs/configs/toy.yaml", "jobs/configs/paper_qwen2vl7b.yaml"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_loads_for_the_pipeline_and_every_single_job(preset):
+    path = REPO / preset
+    recipe = load_config(RecipeConfig, path)
+    assert recipe.steps == list(STEPS)
+    for cls, section in [
+        (TrainJobConfig, "train"),
+        (MineConfig, "mine"),
+        (RerankerTrainConfig, "reranker"),
+        (TeacherConfig, "teacher"),
+        (EvalConfig, "eval"),
+    ]:
+        cfg = load_config(cls, path, section=section)
+        if hasattr(cfg, "data_root"):
+            assert cfg.data_root == recipe.data_root, (cls, section)
+        if hasattr(cfg, "run_dir"):
+            assert cfg.run_dir == recipe.run_dir, (cls, section)
+
+
+def test_chain_wires_each_step_to_the_previous_outputs(tmp_path):
+    cfg = load_config(
+        RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}", "data_root=/data"]
+    )
+    recipe = Recipe(cfg)
+    assert recipe.base_model_dir == str(tmp_path / "base_model")
+    job = recipe.train_job()
+    assert (job.run_dir, job.data_root, job.model) == (str(tmp_path), "/data", str(tmp_path / "base_model"))
+    assert job.stage4["negatives_file"] == str(tmp_path / "negatives" / "negatives.jsonl")
+    assert job.stage5["teacher_file"] == str(tmp_path / "teacher" / "teacher.jsonl")
+    # nothing trained yet: every consumer falls back to the base model
+    assert recipe.latest_model(before="stage4") == str(tmp_path / "base_model")
+    (tmp_path / "stage3" / "model").mkdir(parents=True)
+    (tmp_path / "stage3" / "model" / "config.json").write_text("{}")
+    assert recipe.latest_model(before="stage4") == str(tmp_path / "stage3" / "model")
+    assert recipe.latest_model(before="stage3") == str(tmp_path / "base_model")
+    assert recipe.latest_model() == str(tmp_path / "stage3" / "model")
+
+
+def test_unknown_step_is_rejected():
+    with pytest.raises(ConfigError, match=r"steps: unknown \['stage9'\]"):
+        load_config(RecipeConfig, None, ["steps=[data,stage9]"])
