@@ -41,6 +41,14 @@ def ensure_ray(
         return False
     local_ray_env()
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address == "local":
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError(
+                "ray was imported before umarvel_ray, so a local Ray would bind to the external "
+                "interface: import umarvel_ray first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+            )
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
