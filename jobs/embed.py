@@ -1,0 +1,38 @@
+"""Embed an M-BEIR candidate pool or query file into parquet shards (Ray Data).
+
+    python jobs/embed.py data_root=/data/mbeir input=cand_pool/global/mbeir_union_test_cand_pool.jsonl \
+        model=runs/x/stage5/model output_dir=runs/x/embeddings/union kind=candidate
+    python jobs/embed.py --config CFG.yaml kind=query input=query/test/... prompt_index=0
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/embed.py --config CFG.yaml
+
+Rerunning the same command resumes: finished shards are verified and skipped.
+Exit codes: 0 done, 2 bad config, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.pipelines.embed import EmbedConfig, run_embedding
+from umarvel_ray.progress import setup_logging
+
+log = logging.getLogger("umarvel_ray.jobs.embed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `--config FILE key=value ...`, run the pipeline, return the exit code."""
+    setup_logging()
+    try:
+        cfg = parse_job_args(EmbedConfig, argv, description=__doc__ or "")
+        result = run_embedding(cfg)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
+    print(result.summary, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
