@@ -11,27 +11,14 @@ Exit codes: 0 done, 2 bad config, 1 any other failure.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.cli import run_job
 from umarvel_ray.pipelines.embed import EmbedConfig, run_embedding
-from umarvel_ray.progress import setup_logging
-
-log = logging.getLogger("umarvel_ray.jobs.embed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `--config FILE key=value ...`, run the pipeline, return the exit code."""
-    setup_logging()
-    try:
-        cfg = parse_job_args(EmbedConfig, argv, description=__doc__ or "")
-        result = run_embedding(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    print(result.summary, flush=True)
-    return 0
+    return run_job(EmbedConfig, lambda cfg: print(run_embedding(cfg).summary, flush=True), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -14,31 +14,26 @@ Exit codes: 0 done, 2 bad config (or nothing to evaluate), 1 any other failure.
 
 from __future__ import annotations
 
-import logging
 import sys
+from typing import Any
 
-from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.cli import run_job
 from umarvel_ray.eval.evaluate import EvalConfig, run_evaluation
-from umarvel_ray.progress import setup_logging
-
-log = logging.getLogger("umarvel_ray.jobs.evaluate")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse `--config FILE key=value ...`, run the evaluation, print the table and SUMMARY line."""
-    setup_logging()
-    try:
-        cfg = parse_job_args(EvalConfig, argv, description=__doc__ or "", section="eval")
-        report = run_evaluation(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
+def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation, print the table, what was skipped and the SUMMARY line."""
+    report = run_evaluation(cfg)
     with open(report["paths"]["markdown"]) as f:
         print(f.read(), flush=True)
     for key, why in report["skipped"].items():
         print(f"SKIPPED {key}: {why}", flush=True)
     print(report["summary"], flush=True)
-    return 0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(EvalConfig, _evaluate, argv, __doc__, "eval")
 
 
 if __name__ == "__main__":

@@ -12,27 +12,14 @@ Exit codes: 0 done, 2 bad config, 1 any other failure.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.cli import run_job
 from umarvel_ray.pipelines.mine import MineConfig, run_mining
-from umarvel_ray.progress import setup_logging
-
-log = logging.getLogger("umarvel_ray.jobs.mine_negatives")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `--config FILE key=value ...`, run mining, return the exit code."""
-    setup_logging()
-    try:
-        cfg = parse_job_args(MineConfig, argv, description=__doc__ or "", section="mine")
-        result = run_mining(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    print(result.summary, flush=True)
-    return 0
+    return run_job(MineConfig, lambda cfg: print(run_mining(cfg).summary, flush=True), argv, __doc__, "mine")
 
 
 if __name__ == "__main__":

@@ -10,32 +10,15 @@ Exit codes: 0 done, 2 bad config, 1 any other failure.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from umarvel_ray.config import ConfigError, parse_job_args
-from umarvel_ray.progress import setup_logging
-
-log = logging.getLogger("umarvel_ray.jobs.pipeline")
+from umarvel_ray.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
     from umarvel_ray.recipe import RecipeConfig, run_recipe
-    from umarvel_ray.runtime import ensure_ray
 
-    setup_logging()
-    try:
-        cfg = parse_job_args(RecipeConfig, argv, description=__doc__ or "")
-    except (ConfigError, ValueError) as exc:
-        log.error("bad config: %s", exc)
-        return 2
-    try:
-        ensure_ray()
-        run_recipe(cfg)
-    except Exception:
-        log.exception("pipeline failed")
-        return 1
-    return 0
+    return run_job(RecipeConfig, run_recipe, argv, __doc__, needs_ray=True)
 
 
 if __name__ == "__main__":

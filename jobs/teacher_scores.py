@@ -11,27 +11,20 @@ already finished are verified and skipped. Exit codes: 0 done, 2 bad config, 1 a
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from umarvel_ray.config import ConfigError, parse_job_args
+from umarvel_ray.cli import run_job
 from umarvel_ray.pipelines.teacher import TeacherConfig, run_teacher_scoring
-from umarvel_ray.progress import setup_logging
-
-log = logging.getLogger("umarvel_ray.jobs.teacher_scores")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `--config FILE key=value ...`, run teacher scoring, return the exit code."""
-    setup_logging()
-    try:
-        cfg = parse_job_args(TeacherConfig, argv, description=__doc__ or "", section="teacher")
-        result = run_teacher_scoring(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
-    print(result.summary, flush=True)
-    return 0
+    return run_job(
+        TeacherConfig,
+        lambda cfg: print(run_teacher_scoring(cfg).summary, flush=True),
+        argv,
+        __doc__,
+        "teacher",
+    )
 
 
 if __name__ == "__main__":

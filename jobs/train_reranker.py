@@ -12,35 +12,25 @@ checkpoint when submitted again with the same run_dir. Exit codes: 0 done, 2 bad
 
 from __future__ import annotations
 
-import logging
 import sys
+from pathlib import Path
 
-from umarvel_ray.config import ConfigError, parse_job_args
-from umarvel_ray.progress import setup_logging, summary
+from umarvel_ray.cli import run_job
+from umarvel_ray.progress import summary
 
-log = logging.getLogger("umarvel_ray.jobs.train_reranker")
+
+def _train(cfg: object) -> Path:
+    from umarvel_ray.train.reranker_train import run_reranker_training
+
+    out = run_reranker_training(cfg)
+    summary("train reranker", model_dir=str(out))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `--config FILE key=value ...`, train the re-ranker, return the exit code."""
-    from umarvel_ray.train.reranker_train import RerankerTrainConfig, run_reranker_training
+    from umarvel_ray.train.reranker_train import RerankerTrainConfig
 
-    setup_logging()
-    try:
-        cfg = parse_job_args(RerankerTrainConfig, argv, description=__doc__ or "", section="reranker")
-    except (ConfigError, ValueError) as exc:
-        log.error("bad config: %s", exc)
-        return 2
-    try:
-        from umarvel_ray.runtime import ensure_ray
-
-        ensure_ray()
-        out = run_reranker_training(cfg)
-        summary("train reranker", model_dir=str(out))
-    except Exception:
-        log.exception("reranker training failed")
-        return 1
-    return 0
+    return run_job(RerankerTrainConfig, _train, argv, __doc__, "reranker", needs_ray=True)
 
 
 if __name__ == "__main__":
