@@ -59,3 +59,14 @@ def test_chain_wires_each_step_to_the_previous_outputs(tmp_path):
 def test_unknown_step_is_rejected():
     with pytest.raises(ConfigError, match=r"steps: unknown \['stage9'\]"):
         load_config(RecipeConfig, None, ["steps=[data,stage9]"])
+
+
+def test_teacher_uses_the_trained_reranker_when_present(tmp_path):
+    cfg = load_config(RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}"])
+    recipe = Recipe(cfg)
+    assert recipe.teacher_config().reranker is None  # not trained yet: teacher = cos only
+    (tmp_path / "reranker" / "model").mkdir(parents=True)
+    (tmp_path / "reranker" / "model" / "config.json").write_text("{}")
+    teacher = recipe.teacher_config()
+    assert teacher.reranker == str(tmp_path / "reranker" / "model")
+    assert teacher.output_dir == str(tmp_path / "teacher")

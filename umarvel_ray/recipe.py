@@ -197,13 +197,18 @@ class Recipe:
         if (out / "teacher.jsonl").exists():
             log.info("teacher: %s exists", out / "teacher.jsonl")
             return
-        cfg = dataclasses.replace(
+        run_teacher_scoring(self.teacher_config())
+
+    def teacher_config(self) -> TeacherConfig:
+        """Teacher = the stage-4 retriever's cos + w * P(Yes) of the trained re-ranker (when there)."""
+        reranker = str(self.reranker_dir) if (self.reranker_dir / "config.json").exists() else None
+        return dataclasses.replace(
             self.cfg.teacher,
             data_root=str(self.data_root),
             model=self.latest_model(before="stage5"),
-            output_dir=str(out),
+            output_dir=str(self.run_dir / "teacher"),
+            reranker=reranker,
         )
-        run_teacher_scoring(cfg)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
