@@ -27,14 +27,20 @@ the data; decode + resize then cost what they cost on real data. `--image-size 0
 originals. Model: `--model` or the tiny offline Qwen2-VL (its processor budget is 300*28*28
 pixels, so a 500x375 image becomes 364x504 = 234 visual tokens, like Qwen2-VL on M-BEIR).
 
-Why the pipeline can beat the loop on 2 cores: the loop runs decode (~7 ms CPU per 500x375
-JPEG), HF image preprocessing inside collate (~15-20 ms per image: the PIL Qwen2-VL processor)
-and the forward pass (~28 ms per item on one thread) one after the other, and torch's second
-intra-op thread helps a tiny model little. The pipeline runs decode + collate in CPU tasks on one
-core while the actor (1 torch thread) runs forward passes on the other, so its rate is bounded by
-the slower of the two stages (the forward) instead of their sum; the actor's own overhead
-(unpickling, rebuilding the pixel patches) is ~2 ms per item. On a machine shared with other
-jobs the wall-clock numbers move a lot: the load average is printed with them.
+Where a gain can come from on 2 cores, and what limits it: the loop runs decode (~3-7 ms CPU per
+500x375 JPEG), HF image preprocessing inside collate (~8-20 ms per image at 234 visual tokens:
+the PIL Qwen2-VL processor) and the forward pass (~20-28 ms on one thread) one after the other;
+a second torch thread does not help this tiny model (it is several times slower on a busy
+machine, so the bench takes the faster thread count). The pipeline runs decode + collate in CPU
+tasks on one core and forward passes in the actor on the other, so at best its rate is set by
+the slower stage rather than the sum (CPU accounting from Ray Data's stats: ~24 ms/item in the
+CPU stage, ~31 ms/item in the actor, ~2 ms of that for unpickling, vs ~55 ms/item for the loop:
+at most ~1.6x). Against that stands a fixed per-job cost of ~8-20 s on 2 cores (actor process,
+`import torch`, `Embedder.load` ~5 s, collator load in each CPU worker), so end to end the
+pipeline only pays off past a few thousand items on such a machine. With `--max-pixels 7056`
+(the toy recipe's 84x84 scale, a few visual tokens) the work is decode-bound and tiny per item
+(~5 ms), and Ray's per-task overheads weigh more (use `--collate-in actor --decode-cpus 0.5
+--actor-cpus 0.5` there, so CPU workers stay light and two of them decode).
 Prints `ratio pipeline/naive: X` and `ratio pipeline/model-only: Y`.
 """
 

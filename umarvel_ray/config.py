@@ -78,7 +78,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return tp(value) if not isinstance(value, str) else tp(float(value)) if tp is float else int(value)
+            return (
+                tp(value) if not isinstance(value, str) else tp(float(value)) if tp is float else int(value)
+            )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from exc
     if tp is str:
@@ -94,9 +96,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(names)}"
-        )
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -212,8 +212,3 @@ def parse_job_args(
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
     return load_config(cls, args.config, args.overrides, section=section)
-
-
-# Older private names, still imported by a few modules.
-_deep_update = deep_update
-_help_lines = help_lines

@@ -82,12 +82,12 @@ def set_activation_checkpointing(model: Any, enabled: bool) -> None:
 
 
 def _merge_cfg(base: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    from umarvel_ray.config import _deep_update, apply_overrides
+    from umarvel_ray.config import apply_overrides, deep_update
 
     if overrides is None:
         return base
     if isinstance(overrides, dict):
-        _deep_update(base, overrides, "cfg_overrides")
+        deep_update(base, overrides, "cfg_overrides")
         return base
     return apply_overrides(base, list(overrides))
 

@@ -366,14 +366,14 @@ def _prune(root: Path, keep: int) -> None:
 
 def _embedder_config(cfg: TrainConfig, use_gpu: bool) -> Any:
     """EmbedderConfig: the input model's saved config (if any) < this stage's settings."""
-    from umarvel_ray.config import _deep_update
+    from umarvel_ray.config import deep_update
     from umarvel_ray.model.embedder import META_FILE, EmbedderConfig
 
     data = to_dict(EmbedderConfig())
     meta_file = Path(cfg.model) / META_FILE
     meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("config"):
-        _deep_update(data, meta["config"], str(meta_file))
+        deep_update(data, meta["config"], str(meta_file))
     tau = float(meta["tau"]) if cfg.inherit_tau and "tau" in meta else cfg.tau_init
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_gpu else "float32")
     data.update(
@@ -384,7 +384,7 @@ def _embedder_config(cfg: TrainConfig, use_gpu: bool) -> Any:
         dtype=dtype,
         lora={"enabled": True, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout},
     )
-    _deep_update(data, dict(cfg.embedder), "embedder")
+    deep_update(data, dict(cfg.embedder), "embedder")
     return from_dict(EmbedderConfig, data)
 
 

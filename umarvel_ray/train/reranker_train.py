@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from umarvel_ray.config import ConfigError, _deep_update, from_dict, save_config, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, save_config, to_dict
 from umarvel_ray.model.losses import stable_id
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan
 from umarvel_ray.train.loop import (
@@ -282,7 +282,7 @@ def reranker_config(cfg: RerankerTrainConfig, use_gpu: bool) -> Any:
         dtype=dtype,
         lora={"enabled": True, "r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout},
     )
-    _deep_update(data, dict(cfg.reranker), "reranker")
+    deep_update(data, dict(cfg.reranker), "reranker")
     return from_dict(RerankerConfig, data)
 
 

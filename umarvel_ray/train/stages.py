@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, _deep_update, from_dict, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, to_dict
 
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
 DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
@@ -213,10 +213,10 @@ def stage_config(job: TrainJobConfig, name: str) -> TrainConfig:
     if name not in STAGE_ORDER:
         raise ConfigError(f"unknown stage {name!r}; known: {list(STAGE_ORDER)}")
     data = to_dict(TrainConfig())
-    _deep_update(data, dict(STAGE_PRESETS[name]), f"preset {name}")
+    deep_update(data, dict(STAGE_PRESETS[name]), f"preset {name}")
     data.update(stage=name, run_dir=job.run_dir, data_root=job.data_root)
-    _deep_update(data, dict(job.common), "common")
-    _deep_update(data, dict(getattr(job, name)), name)
+    deep_update(data, dict(job.common), "common")
+    deep_update(data, dict(getattr(job, name)), name)
     data["stage"], data["run_dir"] = name, job.run_dir
     cfg = from_dict(TrainConfig, data, name)
     if not cfg.model:
