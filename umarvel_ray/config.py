@@ -21,6 +21,13 @@ T = TypeVar("T")
 CONFIG_FILENAME = "config.yaml"
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A config key or value that does not fit the dataclass it is loaded into."""
 

@@ -27,14 +27,14 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, save_config, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, option, save_config, to_dict
 from umarvel_ray.model.losses import stable_id
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan
 from umarvel_ray.train.loop import (
@@ -59,61 +59,55 @@ RUN_NAME = "reranker"
 Pair = tuple[dict[str, Any], dict[str, Any]]
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class RerankerTrainConfig:
     """Everything the re-ranker's LoRA SFT run needs (model, pairs, optimisation, scale, checkpoints)."""
 
-    model: str = _f("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)")
-    run_dir: str = _f("runs/default", "run directory (shared storage on multi-node clusters)")
-    output: str = _f("", "output dir ('' = <run_dir>/reranker); merged model goes to <output>/model")
+    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)")
+    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)")
+    output: str = option("", "output dir ('' = <run_dir>/reranker); merged model goes to <output>/model")
     # --- data
-    data_root: str = _f("", "M-BEIR data root; relative data and image paths resolve here")
-    train_file: str = _f("query/train/mbeir_union_up_train.jsonl", "training queries (M-BEIR jsonl)")
-    pool_file: str = _f("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool")
-    instructions_file: str = _f("instructions/query_instructions.tsv", "query instructions tsv")
-    negatives_file: str = _f(
+    data_root: str = option("", "M-BEIR data root; relative data and image paths resolve here")
+    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training queries (M-BEIR jsonl)")
+    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool")
+    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv")
+    negatives_file: str = option(
         "{run_dir}/negatives/negatives.jsonl",
         "mined negatives {qid, neg_dids} (file or its dir) from the stage-3 model's top-100; "
         "a '{run_dir}' path is taken as is, other relative paths resolve under data_root",
     )
-    negatives_per_positive: int = _f(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
-    max_examples: int = _f(0, "use only the first N training queries (0 = all)")
+    negatives_per_positive: int = option(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
+    max_examples: int = option(0, "use only the first N training queries (0 = all)")
     # --- model / LoRA
-    judge: str = _f("yes_no", "yes_no (U-MARVEL) | true_false (MM-Embed prompt)")
-    lora_r: int = _f(128, "LoRA rank")
-    lora_alpha: int = _f(256, "LoRA alpha")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    gradient_checkpointing: bool = _f(False, "activation checkpointing (GPU runs)")
-    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
-    reranker: dict = _f({}, "extra RerankerConfig overrides, e.g. {inputs: {max_pixels: 2352}}")
+    judge: str = option("yes_no", "yes_no (U-MARVEL) | true_false (MM-Embed prompt)")
+    lora_r: int = option(128, "LoRA rank")
+    lora_alpha: int = option(256, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    gradient_checkpointing: bool = option(False, "activation checkpointing (GPU runs)")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    reranker: dict = option({}, "extra RerankerConfig overrides, e.g. {inputs: {max_pixels: 2352}}")
     # --- optimisation
-    lr: float = _f(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.03, "linear warmup fraction of total steps, then cosine decay")
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
-    grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
-    per_device_batch: int = _f(8, "pairs per worker per step")
-    epochs: float = _f(1.0, "passes over the pairs (used when max_steps = 0)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs)")
-    seed: int = _f(42, "seed for shuffling, positive/negative/instruction sampling and dropout")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.03, "linear warmup fraction of total steps, then cosine decay")
+    min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak")
+    grad_clip: float = option(1.0, "gradient norm clipping (0 = off)")
+    per_device_batch: int = option(8, "pairs per worker per step")
+    epochs: float = option(1.0, "passes over the pairs (used when max_steps = 0)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = epochs)")
+    seed: int = option(42, "seed for shuffling, positive/negative/instruction sampling and dropout")
     # --- distributed
-    workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
-    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
-    deepspeed_config: str = _f("", "DeepSpeed JSON template ('' = built-in for zero_stage)")
+    workers: int = option(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage 0-3")
+    deepspeed_config: str = option("", "DeepSpeed JSON template ('' = built-in for zero_stage)")
     # --- logging / checkpoints / fault tolerance
-    log_every: int = _f(10, "log + report loss/accuracy/samples per s every N steps")
-    save_every: int = _f(500, "DeepSpeed checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept")
-    max_failures: int = _f(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
-    resume_from: str = _f("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+    log_every: int = option(10, "log + report loss/accuracy/samples per s every N steps")
+    save_every: int = option(500, "DeepSpeed checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
+    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)")
 
     def __post_init__(self) -> None:
         if self.judge not in ("yes_no", "true_false"):

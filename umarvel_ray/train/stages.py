@@ -10,85 +10,79 @@ the first one), which is how the chain of LoRA runs is stitched together.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, option, to_dict
 
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
 DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
 OBJECTIVES: tuple[str, ...] = ("infonce", "symmetric", "distill")
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
     """Everything one LoRA training stage needs (model, data, optimisation, scale, checkpointing)."""
 
-    stage: str = _f("stage3", "stage name; outputs go to <run_dir>/<stage>/")
-    run_dir: str = _f("runs/default", "run directory (shared storage on multi-node clusters)")
-    model: str = _f("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded")
+    stage: str = option("stage3", "stage name; outputs go to <run_dir>/<stage>/")
+    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)")
+    model: str = option("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded")
     # --- data
-    data_kind: str = _f("mbeir", "nli | caption | mbeir | distill (which example builder)")
-    data_root: str = _f("", "M-BEIR style data root; relative data paths and image paths resolve here")
-    train_file: str = _f("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)")
-    pool_file: str = _f("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)")
-    instructions_file: str = _f("instructions/query_instructions.tsv", "query instructions tsv (mbeir)")
-    negatives_file: str = _f("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded")
-    teacher_file: str = _f("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded")
-    num_negatives: int = _f(
+    data_kind: str = option("mbeir", "nli | caption | mbeir | distill (which example builder)")
+    data_root: str = option("", "M-BEIR style data root; relative data paths and image paths resolve here")
+    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)")
+    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)")
+    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv (mbeir)")
+    negatives_file: str = option("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded")
+    teacher_file: str = option("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded")
+    num_negatives: int = option(
         0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
     )
-    num_candidates: int = _f(50, "candidates per query for distillation (shorter lists are masked)")
-    max_examples: int = _f(0, "use only the first N examples (0 = all); for quick runs")
-    loader_workers: int = _f(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
+    num_candidates: int = option(50, "candidates per query for distillation (shorter lists are masked)")
+    max_examples: int = option(0, "use only the first N examples (0 = all); for quick runs")
+    loader_workers: int = option(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
     # --- objective
-    objective: str = _f("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")
-    tau_init: float = _f(0.05, "initial temperature (a previous stage's learned tau is inherited)")
-    learn_tau: bool = _f(True, "learn log(tau) (frozen in stages 1-2)")
-    inherit_tau: bool = _f(True, "start from the tau stored with the input model when it has one")
-    mask_false_negatives: bool = _f(True, "remove in-batch candidates equal to a row's positive")
+    objective: str = option("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")
+    tau_init: float = option(0.05, "initial temperature (a previous stage's learned tau is inherited)")
+    learn_tau: bool = option(True, "learn log(tau) (frozen in stages 1-2)")
+    inherit_tau: bool = option(True, "start from the tau stored with the input model when it has one")
+    mask_false_negatives: bool = option(True, "remove in-batch candidates equal to a row's positive")
     # --- model / LoRA
-    lora_r: int = _f(128, "LoRA rank")
-    lora_alpha: int = _f(256, "LoRA alpha")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    gradient_checkpointing: bool = _f(False, "activation checkpointing (recipe: on, GPU)")
-    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
-    embedder: dict = _f(
+    lora_r: int = option(128, "LoRA rank")
+    lora_alpha: int = option(256, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    gradient_checkpointing: bool = option(False, "activation checkpointing (recipe: on, GPU)")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    embedder: dict = option(
         {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"
     )
     # --- optimisation
-    lr: float = _f(4e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.03, "linear warmup fraction of total steps, then cosine decay")
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
-    grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
-    per_device_batch: int = _f(60, "queries per worker per step (in-batch negatives = workers x this)")
-    micro_batch: int = _f(0, "GradCache micro-batch (0 = no cache, encode the whole per-device batch)")
-    epochs: float = _f(1.0, "passes over the data (used when max_steps = 0)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs)")
-    seed: int = _f(42, "seed for shuffling, negative/instruction sampling and dropout")
+    lr: float = option(4e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.03, "linear warmup fraction of total steps, then cosine decay")
+    min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak")
+    grad_clip: float = option(1.0, "gradient norm clipping (0 = off)")
+    per_device_batch: int = option(60, "queries per worker per step (in-batch negatives = workers x this)")
+    micro_batch: int = option(0, "GradCache micro-batch (0 = no cache, encode the whole per-device batch)")
+    epochs: float = option(1.0, "passes over the data (used when max_steps = 0)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = epochs)")
+    seed: int = option(42, "seed for shuffling, negative/instruction sampling and dropout")
     # --- distributed
-    workers: int = _f(1, "Ray Train workers (data-parallel ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
-    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3 (recipe: 1)")
-    deepspeed_config: str = _f(
+    workers: int = option(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage 0-3 (recipe: 1)")
+    deepspeed_config: str = option(
         "", "DeepSpeed JSON template ('' = built-in for zero_stage); 'auto' values filled"
     )
     # --- logging / checkpoints / fault tolerance
-    log_every: int = _f(10, "log + report metrics every N steps")
-    save_every: int = _f(500, "DeepSpeed checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept (Ray CheckpointConfig.num_to_keep)")
-    max_failures: int = _f(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
-    resume_from: str = _f("", "checkpoint dir to resume from when not under Ray (default: latest own)")
-    inject_failure_at_step: int = _f(0, "testing: rank 0 raises once after this step (0 = never)")
+    log_every: int = option(10, "log + report metrics every N steps")
+    save_every: int = option(500, "DeepSpeed checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept (Ray CheckpointConfig.num_to_keep)")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
+    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+    inject_failure_at_step: int = option(0, "testing: rank 0 raises once after this step (0 = never)")
 
     def __post_init__(self) -> None:
         if self.data_kind not in DATA_KINDS:
@@ -191,16 +185,16 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 class TrainJobConfig:
     """`jobs/train.py` config: shared settings, per-stage sections, and which stages to run."""
 
-    run_dir: str = _f("runs/default", "run directory shared by all stages")
-    data_root: str = _f("", "data root (M-BEIR layout)")
-    model: str = _f("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain")
-    stages: list[str] = _f(list(STAGE_ORDER), "stages to run, in order (the chain order is STAGE_ORDER)")
-    common: dict = _f({}, "TrainConfig keys applied to every stage (below the stage sections)")
-    stage1: dict = _f({}, "TrainConfig overrides for stage 1 (text pairs)")
-    stage2: dict = _f({}, "TrainConfig overrides for stage 2 (caption -> image)")
-    stage3: dict = _f({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)")
-    stage4: dict = _f({}, "TrainConfig overrides for stage 4 (hard negatives)")
-    stage5: dict = _f({}, "TrainConfig overrides for stage 5 (distillation)")
+    run_dir: str = option("runs/default", "run directory shared by all stages")
+    data_root: str = option("", "data root (M-BEIR layout)")
+    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain")
+    stages: list[str] = option(list(STAGE_ORDER), "stages to run, in order (the chain order is STAGE_ORDER)")
+    common: dict = option({}, "TrainConfig keys applied to every stage (below the stage sections)")
+    stage1: dict = option({}, "TrainConfig overrides for stage 1 (text pairs)")
+    stage2: dict = option({}, "TrainConfig overrides for stage 2 (caption -> image)")
+    stage3: dict = option({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)")
+    stage4: dict = option({}, "TrainConfig overrides for stage 4 (hard negatives)")
+    stage5: dict = option({}, "TrainConfig overrides for stage 5 (distillation)")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
