@@ -573,17 +573,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _finish(cfg, engine, embedder, rank, total, start, last, time.time() - t_start)
 
 
-def _finish(
-    cfg: TrainConfig,
+def save_merged(
+    cfg: Any,
     engine: Any,
-    embedder: Any,
     rank: int,
+    name: str,
+    merge: Callable[[Path], dict[str, Any]],
     total: int,
     start: int,
     last: dict[str, Any],
     seconds: float,
 ) -> None:
-    """Merge the LoRA and write the stage's model dir + resolved config + summary (rank 0)."""
+    """Gather ZeRO-3 shards, then rank 0 writes the merged model, resolved config and summary.
+
+    `merge(out_dir)` saves the merged model and returns extra summary fields; `cfg` needs
+    `zero_stage`, `model_dir` and `stage_dir` (stage and reranker configs both have them).
+    """
     import torch.distributed as dist
 
     gather = contextlib.nullcontext()
@@ -596,23 +601,42 @@ def _finish(
             out = cfg.model_dir
             if out.exists():
                 shutil.rmtree(out)
-            engine.module.restore_scalar_tau()
-            embedder.merge_and_save(out)
+            extra = merge(out)
             save_config(cfg, out, name="train_config.yaml")
             save_config(cfg, cfg.stage_dir)
             summary = {
-                "stage": cfg.stage,
+                "stage": name,
                 "model_dir": str(out),
                 "total_steps": total,
                 "resumed_at": start,
                 "seconds": seconds,
-                "tau": float(embedder.tau.detach().float()),
+                **extra,
                 "last": last,
                 "config": to_dict(cfg),
             }
             (cfg.stage_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            log.info("%s done: model at %s", cfg.stage, out)
+            log.info("%s done: model at %s", name, out)
     dist.barrier()
+
+
+def _finish(
+    cfg: TrainConfig,
+    engine: Any,
+    embedder: Any,
+    rank: int,
+    total: int,
+    start: int,
+    last: dict[str, Any],
+    seconds: float,
+) -> None:
+    """Merge the embedder's LoRA (tau back to a scalar first) into the stage's model dir."""
+
+    def merge(out: Path) -> dict[str, Any]:
+        engine.module.restore_scalar_tau()
+        embedder.merge_and_save(out)
+        return {"tau": float(embedder.tau.detach().float())}
+
+    save_merged(cfg, engine, rank, cfg.stage, merge, total, start, last, seconds)
 
 
 def run_local(cfg: TrainConfig) -> Path:

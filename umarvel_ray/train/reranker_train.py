@@ -20,11 +20,8 @@ The per-worker loop, checkpoint/resume contract and Ray launch follow `train/loo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,12 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, option, save_config, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, option, to_dict
 from umarvel_ray.model.losses import stable_id
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan
 from umarvel_ray.train.loop import (
     STEPS_FILE,
-    SUMMARY_FILE,
     _prune,
     _report,
     _resume_dir,
@@ -51,6 +47,7 @@ from umarvel_ray.train.loop import (
     ray_train_active,
     read_state,
     save_checkpoint,
+    save_merged,
 )
 
 log = logging.getLogger(__name__)
@@ -447,33 +444,12 @@ def _finish(
     seconds: float,
 ) -> None:
     """Rank 0 merges the LoRA and writes `<output>/model`, config.yaml and train_summary.json."""
-    import torch.distributed as dist
 
-    gather = contextlib.nullcontext()
-    if cfg.zero_stage == 3:
-        from deepspeed.zero import GatheredParameters
+    def merge(out: Path) -> dict[str, Any]:
+        reranker.merge_and_save(out)
+        return {}
 
-        gather = GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    with gather:
-        if rank == 0:
-            out = cfg.model_dir
-            if out.exists():
-                shutil.rmtree(out)
-            reranker.merge_and_save(out)
-            save_config(cfg, out, name="train_config.yaml")
-            save_config(cfg, cfg.stage_dir)
-            summary = {
-                "stage": RUN_NAME,
-                "model_dir": str(out),
-                "total_steps": total,
-                "resumed_at": start,
-                "seconds": seconds,
-                "last": last,
-                "config": to_dict(cfg),
-            }
-            (cfg.stage_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            log.info("reranker done: model at %s", out)
-    dist.barrier()
+    save_merged(cfg, engine, rank, RUN_NAME, merge, total, start, last, seconds)
 
 
 # ----------------------------------------------------------------------------------------------
