@@ -267,10 +267,11 @@ def test_cpu_collator_matches_embedder(data_root, tiny_model_dir, embedder):
             continue
         rows = [json.loads(lines[meta["line"][i] - 1]) for i in np.flatnonzero(meta["reject_field"] == "")]
         want = embedder.collate(_direct_items(data_root, rows, "candidate"), is_query=False)
-        if "pixel_values" in want:  # still images travel once, not once per temporal patch
-            assert payload["temporal"] == 2
-            assert payload["collated"]["pixel_values"].size * 2 == want["pixel_values"].numel()
-        got = decode.expand_collated(payload)
+        got = payload["collated"]
+        if "pixel_patches" in want:  # images travel as uint8 patches: the resized image's bytes
+            assert got["pixel_patches"].dtype == np.uint8 and "pixel_values" not in got
+            grids = want["image_grid_thw"].numpy()
+            assert got["pixel_patches"].nbytes == 3 * 14 * 14 * int(grids.prod(axis=1).sum())
         assert sorted(got) == sorted(want)
         for k, v in want.items():
             np.testing.assert_array_equal(got[k], v.numpy(), err_msg=k)

@@ -75,7 +75,7 @@ def test_collate_renders_the_umarvel_chat_and_masks(emb):
         "input_ids",
         "attention_mask",
         "pool_mask",
-        "pixel_values",
+        "pixel_patches",
         "image_grid_thw",
         "mm_token_type_ids",
         "position_ids",
@@ -180,7 +180,7 @@ def test_pixel_budget_and_array_or_pil_images(emb):
     b_arr = emb.collate([{"text": None, "image": img}], is_query=False)
     assert int(b_small["mm_token_type_ids"].sum()) == 4  # 56x56 -> 2x2 merged tokens
     assert int(b_arr["mm_token_type_ids"].sum()) == 100  # 280x280 -> 10x10
-    assert torch.equal(b_pil["pixel_values"], b_arr["pixel_values"])
+    assert torch.equal(b_pil["pixel_patches"], b_arr["pixel_patches"])
 
 
 def test_item_text_cannot_forge_special_tokens(emb):
@@ -363,6 +363,7 @@ def test_merge_equals_base_plus_adapter_and_save_load_is_exact(tiny_model_dir, t
     loaded = Embedder.load(merged_dir)
     assert "<emb>" in loaded.processor.tokenizer.get_vocab()
     assert abs(float(loaded.tau) - 0.02) < 1e-6 and loaded.cfg.lora.r == 4
+    loaded.one_frame = False  # the training-side (Conv3d over both frames) patch path, as `e` uses
     np.testing.assert_array_equal(loaded.encode_queries(items), in_memory_merged)  # exact
     base_plus_adapter = Embedder.load(tiny_model_dir, adapter=tmp_path / "adapter")
     np.testing.assert_allclose(base_plus_adapter.encode_queries(items), with_adapter, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 
 from umarvel_ray.model.embedder import LoraConfig
 from umarvel_ray.model.inputs import InputConfig
+from umarvel_ray.model.pixels import model_pixel_values
 from umarvel_ray.model.reranker import IGNORE_INDEX, Reranker, RerankerConfig
 
 
@@ -56,8 +57,9 @@ def _hf_logits(rr: Reranker, batch: dict) -> torch.Tensor:
         "image_grid_thw",
         "mm_token_type_ids",
     )
+    batch = {**batch, "pixel_values": model_pixel_values(batch, rr.collator.pixel_layout)}
     with torch.no_grad():
-        return rr.model(**{k: batch[k] for k in keys if k in batch}).logits
+        return rr.model(**{k: batch[k] for k in keys if batch.get(k) is not None}).logits
 
 
 def test_prompt_rendering_and_answer_position(rr):
@@ -135,6 +137,7 @@ def test_training_labels_only_on_the_answer_token(rr):
         "image_grid_thw",
         "mm_token_type_ids",
     )
+    batch = {**batch, "pixel_values": model_pixel_values(batch, rr.collator.pixel_layout)}
     with torch.no_grad():
         hf = rr.model(**{k: batch[k] for k in keys}, labels=labels).loss
         ours = rr.loss(batch)
@@ -180,6 +183,9 @@ def test_merge_equals_base_plus_adapter_and_reload_is_exact(tiny_model_dir, tmp_
     np.testing.assert_allclose(merged, with_adapter, atol=1e-5)
     loaded = Reranker.load(tmp_path / "merged")
     assert loaded.cfg.judge == "true_false"
+    assert loaded.one_frame  # inference feeds still images as one frame per patch ...
+    np.testing.assert_allclose(loaded.score(_pairs()), merged, atol=1e-6)
+    loaded.one_frame = False  # ... and with the training-side patch path the reload is exact
     np.testing.assert_array_equal(loaded.score(_pairs()), merged)
     from_adapter = Reranker.load(tiny_model_dir, adapter=tmp_path / "adapter")
     np.testing.assert_allclose(from_adapter.score(_pairs()), with_adapter, atol=1e-5)

@@ -182,5 +182,5 @@ def test_batches_decode_images_and_collate_with_the_embedder(toy_mbeir_dir, tiny
         )
     )
     capb = BatchBuilder(CaptionPairs(bad), emb.collate, toy_mbeir_dir).build([0, 1, 2, 3], 0, 0, 0)
-    assert capb.dropped == 1 and capb.indices == [1, 2, 3] and "pixel_values" in capb.chunks["positive"][0]
+    assert capb.dropped == 1 and capb.indices == [1, 2, 3] and "pixel_patches" in capb.chunks["positive"][0]
     assert np.unique(capb.pos_ids.numpy()).size == 3

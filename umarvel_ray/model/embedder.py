@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from umarvel_ray.model.inputs import EMB_TOKEN, Collator, InputConfig, attention_bias, ensure_added_tokens
+from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
 
 META_FILE = "umarvel_embedder.json"
 # LoRA targets: every Linear of the language model's decoder layers, nothing in `visual`.
@@ -117,6 +118,7 @@ class Embedder(nn.Module):
             chat_template=getattr(processor, "chat_template", None),
         )
         self.emb_token_id = processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
+        self.one_frame = False  # still images as one frame per patch (`load` sets it; inference only)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -178,6 +180,7 @@ class Embedder(nn.Module):
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.requires_grad_(False)
         emb = cls(model, processor, cfg, tau=meta.get("tau"))
+        emb.one_frame = use_frame_patch_embed(model)
         emb.log_tau.requires_grad_(False)
         emb.eval()
         return emb
@@ -271,7 +274,9 @@ class Embedder(nn.Module):
             input_ids=b["input_ids"],
             attention_mask=mask4d,
             position_ids=position_ids,
-            pixel_values=b.get("pixel_values"),
+            pixel_values=model_pixel_values(
+                b, self.collator.pixel_layout, self.dtype, one_frame=self.one_frame and not self.training
+            ),
             image_grid_thw=b.get("image_grid_thw"),
             mm_token_type_ids=b.get("mm_token_type_ids"),
             use_cache=False,

@@ -21,6 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from umarvel_ray.model.pixels import PATCHES_KEY, VALUES_KEY, PatchLayout
+
 EMB_TOKEN = "<emb>"
 INSTRUCTION_START = "<instruction_start>"
 INSTRUCTION_END = "<instruction_end>"
@@ -61,6 +65,13 @@ class InputConfig:
     min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "image pixel floor (resized up)"})
     max_pixels: int = field(default=300 * 28 * 28, metadata={"help": "image pixel budget (resized down)"})
     padding_side: str = field(default="right", metadata={"help": "right or left"})
+    compact_pixels: bool = field(
+        default=True,
+        metadata={
+            "help": "images travel as uint8 patches and become pixel_values on the model's device "
+            "(Qwen2-VL processors; equal to the HF processor's output); false = the HF processor"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -127,8 +138,6 @@ class Rendered:
 
 def _to_rgb_array(image: Any) -> Any:
     """PIL image or uint8 array -> contiguous uint8 HxWx3 RGB array."""
-    import numpy as np
-
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     arr = np.asarray(image)
@@ -179,6 +188,7 @@ class Collator:
         self.image_pad_id = ids(IMAGE_PAD)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids("<|endoftext|>")
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.pixel_layout = PatchLayout.from_processor(image_processor)
         self._piece_cache: dict[str, list[int]] = {}
         self._template_cache: dict[tuple, list[str]] = {}
 
@@ -293,19 +303,51 @@ class Collator:
         return out
 
     def process_images(self, images: list[Any]) -> dict[str, Any]:
-        """pixel_values (patches, C*T*P*P) and image_grid_thw (n, 3) under the pixel budget."""
+        """Images under the pixel budget -> image_grid_thw (n, 3) (long) plus either pixel_patches
+        (uint8 (patches, C, P, P), see `pixels`) or the processor's pixel_values (patches, C*T*P*P)."""
+        import torch
+
         arrays = [_to_rgb_array(im) for im in images]
-        return self.image_processor(
-            images=arrays,
-            return_tensors="pt",
-            input_data_format="channels_last",
-            size={"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels},
+        layout = self.pixel_layout
+        if layout is None or not self.cfg.compact_pixels:
+            out = self.image_processor(
+                images=arrays,
+                return_tensors="pt",
+                input_data_format="channels_last",
+                size={"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels},
+            )
+            return {
+                VALUES_KEY: out[VALUES_KEY],
+                "image_grid_thw": torch.as_tensor(out["image_grid_thw"], dtype=torch.long),
+            }
+        patches, grids = [], []
+        for arr in arrays:
+            p, grid = layout.patchify(self._resized(arr, layout.factor))
+            patches.append(p)
+            grids.append(grid)
+        return {
+            PATCHES_KEY: torch.from_numpy(np.concatenate(patches)),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.long),
+        }
+
+    def _resized(self, arr: Any, factor: int) -> Any:
+        """The image at its smart_resize size (PIL bicubic, as the HF processor resizes); decoded
+        pipeline images already have it, so this is a no-op for them."""
+        from PIL import Image
+
+        from umarvel_ray.data.images import smart_resize
+
+        h, w = arr.shape[:2]
+        th, tw = smart_resize(
+            h, w, factor=factor, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels
         )
+        if (th, tw) == (h, w):
+            return arr
+        resized = Image.fromarray(arr).resize((tw, th), Image.Resampling.BICUBIC)
+        return np.asarray(resized, dtype=np.uint8)
 
     def __call__(self, items: list[dict[str, Any]], is_query: bool = False) -> dict[str, Any]:
         """Batch of items -> dict of CPU tensors; queries keep their instruction, candidates drop it."""
-        import torch
-
         if not items:
             raise ValueError("cannot collate an empty list of items")
         image_idx = [i for i, it in enumerate(items) if it.get("image") is not None]
@@ -321,9 +363,7 @@ class Collator:
         if not self.pool_instruction:
             keep &= ~batch["instruction_mask"].bool()
         batch["pool_mask"] = keep.long()
-        if image_idx:
-            batch["pixel_values"] = vision["pixel_values"]
-            batch["image_grid_thw"] = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
+        batch.update(vision)
         return batch
 
 

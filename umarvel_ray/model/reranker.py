@@ -23,6 +23,7 @@ from torch import nn
 
 from umarvel_ray.model.embedder import LM_LORA_TARGETS, LoraConfig, _merge_cfg, set_activation_checkpointing
 from umarvel_ray.model.inputs import Collator, InputConfig, _clean, attention_bias, pad_rendered
+from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
 
 META_FILE = "umarvel_reranker.json"
 JUDGES: dict[str, dict[str, str]] = {
@@ -147,9 +148,7 @@ class RerankCollator(Collator):
             rows = torch.arange(len(pairs))
             lab[rows, last] = batch["input_ids"][rows, last]
             batch["labels"] = lab
-        if present:
-            batch["pixel_values"] = vision["pixel_values"]
-            batch["image_grid_thw"] = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
+        batch.update(vision)
         return batch
 
 
@@ -172,6 +171,7 @@ class Reranker(nn.Module):
         self.collator = RerankCollator(
             processor.tokenizer, processor.image_processor, cfg, getattr(processor, "chat_template", None)
         )
+        self.one_frame = False  # still images as one frame per patch (`load` sets it; inference only)
 
     @classmethod
     def build(cls, cfg: RerankerConfig) -> Reranker:
@@ -231,7 +231,9 @@ class Reranker(nn.Module):
 
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.requires_grad_(False)
-        return cls(model, processor, cfg).eval()
+        rr = cls(model, processor, cfg)
+        rr.one_frame = use_frame_patch_embed(model)
+        return rr.eval()
 
     # ------------------------------------------------------------------ persistence
     @property
@@ -287,7 +289,9 @@ class Reranker(nn.Module):
             input_ids=b["input_ids"],
             attention_mask=attention_bias(b["attention_mask"], causal=True, dtype=dtype),
             position_ids=b["position_ids"],
-            pixel_values=b.get("pixel_values"),
+            pixel_values=model_pixel_values(
+                b, self.collator.pixel_layout, dtype, one_frame=self.one_frame and not self.training
+            ),
             image_grid_thw=b.get("image_grid_thw"),
             mm_token_type_ids=b.get("mm_token_type_ids"),
             use_cache=False,

@@ -14,15 +14,11 @@ rows into *groups* of at most `batch_size` rows, one model batch each. Two paylo
 `collate`:
 
 * collate=True (default): the group is run through the embedder's own `Collator` (tokenizer +
-  Qwen2-VL image processor, no weights) in the task, so all CPU preprocessing runs in parallel
-  tasks and the model actor only runs the forward pass. Measured on the tiny model at its
-  300*28*28 budget (CPU time per 500x375 JPEG): decode + resize ~7 ms, the HF (PIL) Qwen2-VL
-  image processor inside collate ~15-20 ms, forward ~28 ms on one thread; decoding alone in
-  tasks would leave the actor with collate + forward, so this is what lets the pipeline beat a
-  single-process loop. The payload is the
-  collated arrays: pixel patches at model resolution (float32; sent once instead of once per
-  temporal patch, so 4x the resized uint8 image, never the full-size source), token ids, masks,
-  positions.
+  image patchify, no weights) in the task, so all CPU preprocessing runs in parallel tasks and
+  the model actor only runs the forward pass. The payload is the collated arrays: token ids,
+  masks, M-RoPE positions and the images as uint8 patches at model resolution (`model.pixels`:
+  the size of the resized uint8 image, never the full-size source; the float `pixel_values`,
+  8x larger, are built on the actor's device).
 * collate=False: the payload is the items with their resized uint8 HxWx3 arrays (the most compact
   exact form, a lossy re-encode would change embeddings) and the actor collates.
 
@@ -349,33 +345,6 @@ def _collate_isolating(collator: Any, rows: list[ParsedRow], is_query: bool) -> 
         return collator([r.item for r in good], is_query=is_query), good
 
 
-def squeeze_collated(arrays: dict[str, np.ndarray], temporal: int, channels: int = 3) -> dict[str, Any]:
-    """Payload of a collated batch, with the temporal copies of still images sent once.
-
-    Qwen2-VL's processor lays `pixel_values` out as (patches, C * T * P * P) with the image
-    repeated T (=2) times along T; only the first copy travels when all copies are equal
-    (checked, so anything else is sent as is). `expand_collated` restores the exact array.
-    """
-    pv = arrays.get("pixel_values")
-    if pv is None or temporal <= 1 or pv.ndim != 2 or pv.shape[1] % (channels * temporal):
-        return {"collated": arrays}
-    v = pv.reshape(pv.shape[0], channels, temporal, -1)
-    if not (v == v[:, :, :1]).all():
-        return {"collated": arrays}
-    return {"collated": {**arrays, "pixel_values": np.ascontiguousarray(v[:, :, 0])}, "temporal": temporal}
-
-
-def expand_collated(payload: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of `squeeze_collated`: the collated arrays exactly as the collator made them."""
-    arrays = dict(payload["collated"])
-    t = payload.get("temporal", 1)
-    if t > 1:
-        pv = arrays["pixel_values"]  # (patches, C, P*P)
-        n, c, pp = pv.shape
-        arrays["pixel_values"] = np.broadcast_to(pv[:, :, None, :], (n, c, t, pp)).reshape(n, c * t * pp)
-    return arrays
-
-
 def pack_group(rows: list[ParsedRow], payload: Any) -> dict[str, Any]:
     """One output row of the CPU stage: the rows' meta plus the model input of the valid ones."""
     meta = {
@@ -436,7 +405,6 @@ def decode_chunks(
         else None
     )
     is_query = kind == "query"
-    temporal = int(getattr(collator.image_processor, "temporal_patch_size", 1) or 1) if collator else 1
     out: list[dict[str, Any]] = []
     with open(input_path, "rb") as f:
         for k in range(len(batch["shard"])):
@@ -452,7 +420,7 @@ def decode_chunks(
                     rejected += [r for r in rows if r.reject]
                     if good:
                         arrays = {key: v.numpy() for key, v in collated.items() if hasattr(v, "numpy")}
-                        out.append(pack_group(good, squeeze_collated(arrays, temporal)))
+                        out.append(pack_group(good, {"collated": arrays}))
                 else:
                     out.append(pack_group(rows, {"items": [r.item for r in rows]}))
             if rejected:

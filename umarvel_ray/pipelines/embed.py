@@ -457,7 +457,7 @@ class EmbedActor:
             ok = np.flatnonzero(meta["reject_field"] == "")
             if payload is not None and len(ok):
                 if "collated" in payload:
-                    vectors[ok] = self._from_arrays(decode.expand_collated(payload))
+                    vectors[ok] = self._from_arrays(payload["collated"])
                 else:
                     vectors[ok] = self._from_items(payload["items"], meta, ok)
             parts.append({**meta, "vector": vectors})
