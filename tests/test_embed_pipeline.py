@@ -22,7 +22,13 @@ from umarvel_ray.config import ConfigError
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.images import load_image
 from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.embed import EmbedConfig, InjectedFailure, run_embedding, validate_config
+from umarvel_ray.pipelines.embed import (
+    EmbedConfig,
+    EmbedResult,
+    InjectedFailure,
+    run_embedding,
+    validate_config,
+)
 from umarvel_ray.pipelines.embedstore import read_embeddings
 
 SHARD_ROWS = 5
@@ -382,6 +388,8 @@ def test_rejects_accounting(candidate_run, data_root):
     n_rows = len(GOOD_POOL) + len(BAD_POOL)
     assert (result.rows_in, result.rows_out, result.rows_rejected) == (n_rows, len(GOOD_POOL), len(BAD_POOL))
     assert "rows_in=17, rows_out=11, rows_rejected=6" in result.summary
+    # the resumed run embedded something, so it knows when its first batch arrived
+    assert 0 < result.first_result_s < result.seconds and 0 < result.rows_at_first_result <= n_rows
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     lines = (data_root / "pool.jsonl").read_text().splitlines()
     assert len(rejects) == len(BAD_POOL)
@@ -392,6 +400,13 @@ def test_rejects_accounting(candidate_run, data_root):
         assert rej["field"] == bad[1] and bad[2] in rej["reason"]
     dup = next(r for r in rejects if r["field"] == "did")
     assert dup["id"] == "1:4" and dup["line"] > lines.index(json.dumps(GOOD_POOL[3])) + 1
+
+
+def test_rate_after_startup_leaves_out_the_first_batch():
+    r = EmbedResult(Path("x"), rows_in=88, rows_out=88, rows_rejected=0, dim=4, seconds=10.0)
+    assert r.rows_per_s_after_startup is None  # nothing was embedded in this run
+    r.first_result_s, r.rows_at_first_result = 2.0, 8
+    assert r.rows_per_s_after_startup == pytest.approx(80 / 8.0)
 
 
 def test_restart_skips_verified_shards_only(candidate_run):

@@ -88,7 +88,13 @@ class EmbedConfig:
         default="tasks",
         metadata={"help": "tasks: CPU tasks collate, actors only run the model | actor: actors collate"},
     )
-    num_actors: int = field(default=0, metadata={"help": "embedder actors; 0 = one per GPU, or 1 on CPU"})
+    num_actors: int = field(
+        default=0,
+        metadata={
+            "help": "embedder actors; 0 = one per GPU, or 1 on CPU (CPU-only nodes do best with one per "
+            "core: actor_num_cpus=0.5 decode_num_cpus=0.5 torch_threads=1 collate_in=actor)"
+        },
+    )
     actor_num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per embedder actor"})
     decode_num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per decode task"})
     decode_memory_mb: int = field(
@@ -134,6 +140,15 @@ class EmbedResult:
     shards_skipped: int = 0
     summary: str = ""
     first_result_s: float | None = None  # start -> first embedded batch at the driver (startup cost)
+    rows_at_first_result: int = 0  # rows in that first batch
+
+    @property
+    def rows_per_s_after_startup(self) -> float | None:
+        """Throughput once the first batch is out: what a long job runs at, without the fixed
+        start-up (worker processes, imports, model loads) that a short job is dominated by."""
+        if self.first_result_s is None or self.seconds - self.first_result_s <= 0:
+            return None
+        return (self.rows_in - self.rows_at_first_result) / (self.seconds - self.first_result_s)
 
 
 class InjectedFailure(RuntimeError):
@@ -747,6 +762,7 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
     )
     save_config(cfg, out)
     first_result_s: float | None = None
+    first_rows = 0
     if pending:
         # The directory is incomplete from here on: progress file only, no manifest.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -768,7 +784,7 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
             cfg.fail_after_shards,
         )
         if any(s.rows_in for s in pending):
-            first = _run_ray(cfg, res, pending, committer)
+            first, first_rows = _run_ray(cfg, res, pending, committer)
             first_result_s = None if first is None else first - t0
         committer.commit_empty()
         if committer.buffers:
@@ -801,15 +817,17 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
         shards_skipped=len(done),
         summary=line,
         first_result_s=first_result_s,
+        rows_at_first_result=first_rows,
     )
 
 
 def _run_ray(
     cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], committer: ShardCommitter
-) -> float | None:
+) -> tuple[float | None, int]:
     """Run the Ray Data pipeline over `pending`, feeding every result batch to `committer`.
 
-    Returns the `time.perf_counter()` at which the first result batch arrived (None if none did).
+    Returns the `time.perf_counter()` at which the first result batch arrived (None if none did)
+    and that batch's row count.
     """
     from ray.data import DataContext
 
@@ -824,16 +842,18 @@ def _run_ray(
     total = sum(s.rows_in for s in pending)
     progress = Progress(f"embed {cfg.kind}", total=total, every_s=cfg.progress_every_s)
     first: float | None = None
+    first_rows = 0
     it = _iter_results(build_dataset(cfg, res, pending, use_gpu))
     try:
         for batch in it:
-            first = first or time.perf_counter()
+            if first is None:
+                first, first_rows = time.perf_counter(), len(batch["shard"])
             committer.add(batch)
             progress.update(len(batch["shard"]))
     finally:
         it.close()
         ctx.enable_progress_bars = old_bars
-    return first
+    return first, first_rows
 
 
 __all__ = ["EmbedActor", "EmbedConfig", "EmbedResult", "InjectedFailure", "run_embedding", "validate_config"]
