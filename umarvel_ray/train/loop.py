@@ -388,6 +388,45 @@ def _embedder_config(cfg: TrainConfig, use_gpu: bool) -> Any:
     return from_dict(EmbedderConfig, data)
 
 
+def init_engine(ds: Any, module: nn.Module, ds_config: dict[str, Any], cfg: Any, total: int) -> Any:
+    """The DeepSpeed engine over `module`'s trainable parameters; warmup + cosine LR through torch
+    unless the DeepSpeed config brings its own scheduler."""
+    sched = (
+        None
+        if "scheduler" in ds_config
+        else (
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio)
+            )
+        )
+    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = ds.initialize(
+        model=module, model_parameters=params, config=ds_config, lr_scheduler=sched
+    )
+    return engine
+
+
+def resume_step(engine: Any, cfg: Any, under_ray: bool, world: int, rank: int, label: str) -> int:
+    """Load the latest checkpoint into `engine` (Ray Train's, else cfg.resume_from); the global
+    step to continue from (0 for a fresh run). Refuses a different world size or batch size,
+    which would change the data order."""
+    with _resume_dir(cfg, under_ray) as rdir:
+        if rdir is None or not (rdir / "latest").is_file():
+            return 0
+        _, client = engine.load_checkpoint(str(rdir), load_module_strict=False)
+        state = (client or {}).get("train_state") or read_state(rdir)
+        if (state["world_size"], state["per_device_batch"]) != (world, cfg.per_device_batch):
+            raise RuntimeError(
+                f"checkpoint was written with {state['world_size']} workers x {state['per_device_batch']} "
+                f"per device; resuming with {world} x {cfg.per_device_batch} would change the data order"
+            )
+        start = int(state["global_step"])
+        if rank == 0:
+            log.info("resumed %s from %s at global step %d", label, rdir, start)
+        return start
+
+
 @contextlib.contextmanager
 def _resume_dir(cfg: TrainConfig, under_ray: bool) -> Iterator[Path | None]:
     if under_ray:
@@ -441,33 +480,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = ShardPlan(len(source), world, rank, cfg.per_device_batch, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
     ds_config = deepspeed_config(cfg, bf16=use_gpu and emb_cfg.dtype == "bfloat16")
-    sched = (
-        None
-        if "scheduler" in ds_config
-        else (
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio)
-            )
-        )
-    )
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = ds.initialize(
-        model=module, model_parameters=params, config=ds_config, lr_scheduler=sched
-    )
-
-    start = 0
-    with _resume_dir(cfg, under_ray) as rdir:
-        if rdir is not None and (rdir / "latest").is_file():
-            _, client = engine.load_checkpoint(str(rdir), load_module_strict=False)
-            state = (client or {}).get("train_state") or read_state(rdir)
-            if (state["world_size"], state["per_device_batch"]) != (world, cfg.per_device_batch):
-                raise RuntimeError(
-                    f"checkpoint was written with {state['world_size']} workers x {state['per_device_batch']} "
-                    f"per device; resuming with {world} x {cfg.per_device_batch} would change the data order"
-                )
-            start = int(state["global_step"])
-            if rank == 0:
-                log.info("resumed %s from %s at global step %d", cfg.stage, rdir, start)
+    engine = init_engine(ds, module, ds_config, cfg, total)
+    start = resume_step(engine, cfg, under_ray, world, rank, cfg.stage)
 
     inputs = emb_cfg.inputs
     builder = BatchBuilder(

@@ -20,7 +20,6 @@ The per-worker loop, checkpoint/resume contract and Ray launch follow `train/loo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -38,14 +37,13 @@ from umarvel_ray.train.loop import (
     STEPS_FILE,
     _prune,
     _report,
-    _resume_dir,
     _StepLog,
     deepspeed_config,
     import_deepspeed,
     init_distributed,
-    lr_lambda,
+    init_engine,
     ray_train_active,
-    read_state,
+    resume_step,
     save_checkpoint,
     save_merged,
 )
@@ -308,33 +306,8 @@ def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
         raise ValueError(f"{len(pairs)} pairs do not fill one global batch of {plan.global_batch}")
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
     ds_config = deepspeed_config(cfg, bf16=use_gpu and rr_cfg.dtype == "bfloat16")  # type: ignore[arg-type]
-    sched = (
-        None
-        if "scheduler" in ds_config
-        else (
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(total, cfg.warmup_ratio, cfg.min_lr_ratio)
-            )
-        )
-    )
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = ds.initialize(
-        model=module, model_parameters=params, config=ds_config, lr_scheduler=sched
-    )
-
-    start = 0
-    with _resume_dir(cfg, under_ray) as rdir:  # type: ignore[arg-type]
-        if rdir is not None and (rdir / "latest").is_file():
-            _, client = engine.load_checkpoint(str(rdir), load_module_strict=False)
-            state = (client or {}).get("train_state") or read_state(rdir)
-            if (state["world_size"], state["per_device_batch"]) != (world, cfg.per_device_batch):
-                raise RuntimeError(
-                    f"checkpoint was written with {state['world_size']} workers x {state['per_device_batch']} "
-                    f"per device; resuming with {world} x {cfg.per_device_batch} would change the data order"
-                )
-            start = int(state["global_step"])
-            if rank == 0:
-                log.info("resumed reranker from %s at global step %d", rdir, start)
+    engine = init_engine(ds, module, ds_config, cfg, total)
+    start = resume_step(engine, cfg, under_ray, world, rank, "reranker")
 
     batcher = PairBatcher(pairs, reranker, cfg.data_root or ".")
     steps_log = _StepLog(cfg.stage_dir / STEPS_FILE, rank == 0)
@@ -464,37 +437,13 @@ def reranker_done(cfg: RerankerTrainConfig) -> bool:
 
 def build_reranker_trainer(cfg: RerankerTrainConfig) -> Any:
     """The TorchTrainer (gloo on CPU, NCCL on GPU) for the re-ranker run (not started)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from umarvel_ray.train.trainer import torch_trainer
 
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
-    storage = Path(cfg.run_dir).resolve() / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.asdict(cfg)
-    config["run_dir"] = str(Path(cfg.run_dir).resolve())
-    config["output"] = str(cfg.stage_dir.resolve())
-    for key in ("data_root", "deepspeed_config", "resume_from"):
-        if config[key]:  # workers may not share the driver's working directory
-            config[key] = str(Path(config[key]).resolve())
-    config["negatives_file"] = str(cfg.negatives_path().resolve())
-    if cfg.model and Path(cfg.model).exists():
-        config["model"] = str(Path(cfg.model).resolve())
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
+    extra = {
+        "output": str(cfg.stage_dir.resolve()),
+        "negatives_file": str(cfg.negatives_path().resolve()),
+    }
+    return torch_trainer(train_loop_per_worker, cfg, name=RUN_NAME, extra_config=extra)
 
 
 def run_reranker_training(cfg: RerankerTrainConfig, force: bool = False) -> Path:

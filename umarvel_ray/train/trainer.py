@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from umarvel_ray.train.loop import SUMMARY_FILE, train_loop_per_worker
 from umarvel_ray.train.stages import TrainConfig
@@ -25,6 +26,13 @@ def stage_done(cfg: TrainConfig) -> bool:
 
 def build_trainer(cfg: TrainConfig) -> object:
     """The TorchTrainer for a stage (not started)."""
+    return torch_trainer(train_loop_per_worker, cfg, name=cfg.stage)
+
+
+def torch_trainer(loop: Any, cfg: Any, name: str, extra_config: dict[str, Any] | None = None) -> Any:
+    """A TorchTrainer (gloo on CPU, NCCL on GPU) running `loop` on `cfg.workers` workers, its run
+    state under `<run_dir>/ray/<name>`. Paths in the loop's config are made absolute, because
+    workers may not share the driver's working directory; `extra_config` is merged on top."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -36,19 +44,20 @@ def build_trainer(cfg: TrainConfig) -> object:
     config = dataclasses.asdict(cfg)
     config["run_dir"] = str(Path(cfg.run_dir).resolve())
     for key in ("data_root", "deepspeed_config", "resume_from"):
-        if config[key]:  # workers may not share the driver's working directory
+        if config[key]:
             config[key] = str(Path(config[key]).resolve())
     if cfg.model and Path(cfg.model).exists():
         config["model"] = str(Path(cfg.model).resolve())
+    config.update(extra_config or {})
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=cfg.stage,
+            name=name,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
