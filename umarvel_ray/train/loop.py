@@ -427,6 +427,36 @@ def resume_step(engine: Any, cfg: Any, under_ray: bool, world: int, rank: int, l
         return start
 
 
+def checkpoint_or_report(
+    engine: Any,
+    cfg: Any,
+    step: int,
+    total: int,
+    state: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    rank: int,
+    under_ray: bool,
+    ckpt_root: Path,
+) -> None:
+    """Every `save_every` steps and at the end: each rank's DeepSpeed shard, reported to Ray Train
+    (or kept under `ckpt_root`, pruned to `keep_checkpoints`); otherwise just report the metrics."""
+    import torch.distributed as dist
+
+    if step % cfg.save_every == 0 or step == total:
+        if under_ray:
+            with tempfile.TemporaryDirectory(prefix="umarvel_ckpt_") as tmp:
+                save_checkpoint(engine, Path(tmp), state, rank)
+                _report({**(metrics or {"step": step}), **state}, Path(tmp), name=f"step_{step:08d}")
+        else:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(engine, ckpt_root, state, rank)
+            dist.barrier()
+            if rank == 0:
+                _prune(ckpt_root, cfg.keep_checkpoints)
+    elif metrics and under_ray:
+        _report(metrics, None)
+
+
 @contextlib.contextmanager
 def _resume_dir(cfg: TrainConfig, under_ray: bool) -> Iterator[Path | None]:
     if under_ray:
@@ -564,19 +594,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     metrics["lr"],
                     metrics["samples_per_s"],
                 )
-        if g % cfg.save_every == 0 or g == total:
-            if under_ray:
-                with tempfile.TemporaryDirectory(prefix="umarvel_ckpt_") as tmp:
-                    save_checkpoint(engine, Path(tmp), state, rank)
-                    _report({**(metrics or {"step": g}), **state}, Path(tmp), name=f"step_{g:08d}")
-            else:
-                ckpt_root.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(engine, ckpt_root, state, rank)
-                dist.barrier()
-                if rank == 0:
-                    _prune(ckpt_root, cfg.keep_checkpoints)
-        elif metrics and under_ray:
-            _report(metrics, None)
+        checkpoint_or_report(engine, cfg, g, total, state, metrics, rank, under_ray, ckpt_root)
         if cfg.inject_failure_at_step and g == cfg.inject_failure_at_step and rank == 0:
             marker = stage_dir / FAILURE_MARKER
             if not marker.exists():

@@ -21,7 +21,6 @@ The per-worker loop, checkpoint/resume contract and Ray launch follow `train/loo
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +34,14 @@ from umarvel_ray.model.losses import stable_id
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan
 from umarvel_ray.train.loop import (
     STEPS_FILE,
-    _prune,
-    _report,
     _StepLog,
+    checkpoint_or_report,
     deepspeed_config,
     import_deepspeed,
     init_distributed,
     init_engine,
     ray_train_active,
     resume_step,
-    save_checkpoint,
     save_merged,
 )
 
@@ -387,21 +384,7 @@ def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
                     lr,
                     metrics["samples_per_s"],
                 )
-        if g % cfg.save_every == 0 or g == total:
-            if under_ray:
-                with tempfile.TemporaryDirectory(prefix="umarvel_rr_ckpt_") as tmp:
-                    save_checkpoint(engine, Path(tmp), state, rank)
-                    _report({**(metrics or {"step": g}), **state}, Path(tmp), name=f"step_{g:08d}")
-            else:
-                import torch.distributed as dist
-
-                ckpt_root.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(engine, ckpt_root, state, rank)
-                dist.barrier()
-                if rank == 0:
-                    _prune(ckpt_root, cfg.keep_checkpoints)
-        elif metrics and under_ray:
-            _report(metrics, None)
+        checkpoint_or_report(engine, cfg, g, total, state, metrics, rank, under_ray, ckpt_root)
 
     _finish(cfg, engine, reranker, rank, total, start, last, time.time() - t_start)
 
