@@ -48,7 +48,7 @@ def ray_cluster():
 
     from umarvel_ray.runtime import ensure_ray
 
-    started = ensure_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024)
+    started = ensure_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
     yield ray
     if started:
         ray.shutdown()

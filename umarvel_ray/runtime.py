@@ -28,12 +28,18 @@ def ensure_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     object_store_memory: int | None = None,
-    include_dashboard: bool = False,
+    include_dashboard: bool = True,
 ) -> bool:
     """Connect to Ray; return True if this call started a new local cluster.
 
     `address=None` joins `RAY_ADDRESS` when set (what `ray job submit` provides), otherwise starts a
     local in-process cluster on 127.0.0.1. An already-initialised Ray is reused untouched.
+
+    A job's local Ray has its dashboard (on 127.0.0.1, port 8265 or the next free one): besides the
+    UI it serves the State API, which Ray Train's PlacementGroupCleaner polls every second for the
+    controller's state; without it every poll logs "Failed to query Ray Train Controller actor
+    state" (hundreds of lines per run) and the cleaner can never do its job. It costs about 1 GB
+    of memory; the test session, which reads no logs, turns it off.
     """
     import ray
 
@@ -57,6 +63,7 @@ def ensure_ray(
         address="local",
         _node_ip_address=LOOPBACK,
         include_dashboard=include_dashboard,
+        dashboard_host=LOOPBACK if include_dashboard else None,
         num_cpus=num_cpus,
         object_store_memory=object_store_memory,
         log_to_driver=True,

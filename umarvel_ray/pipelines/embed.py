@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import ConfigError, save_config
+from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.pipelines import decode
 from umarvel_ray.pipelines.decode import FIELDS, KINDS, InputIndex, ShardSpec
 
@@ -61,18 +61,18 @@ class EmbedConfig:
     """Settings of one embedding job (`jobs/embed.py --config CFG key=value ...`)."""
 
     input: str = field(
-        default="", metadata={"help": "M-BEIR jsonl to embed (absolute, or relative to data_root)"}
+        default="", metadata={"path": "data", "help": "M-BEIR jsonl to embed (absolute, or relative to data_root)"}
     )
     data_root: str = field(
-        default="", metadata={"help": "M-BEIR root: image paths and the instructions tsv resolve against it"}
+        default="", metadata={"path": "cwd", "help": "M-BEIR root: image paths and the instructions tsv resolve against it"}
     )
     kind: str = field(default="candidate", metadata={"help": "candidate | query"})
-    model: str = field(default="", metadata={"help": "embedder model directory (merged checkpoint)"})
-    adapter: str | None = field(default=None, metadata={"help": "optional LoRA adapter directory"})
-    output_dir: str = field(default="", metadata={"help": "where part-*.parquet + manifest.json go"})
+    model: str = field(default="", metadata={"path": "model", "help": "embedder model directory (merged checkpoint)"})
+    adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional LoRA adapter directory"})
+    output_dir: str = field(default="", metadata={"path": "cwd", "help": "where part-*.parquet + manifest.json go"})
     instructions: str = field(
         default="instructions/query_instructions.tsv",
-        metadata={"help": "query instruction tsv (relative to data_root unless absolute)"},
+        metadata={"path": "data", "help": "query instruction tsv (relative to data_root unless absolute)"},
     )
     prompt_index: int | None = field(
         default=None,
@@ -422,6 +422,9 @@ class EmbedActor:
         import torch
 
         from umarvel_ray.model.embedder import Embedder
+        from umarvel_ray.progress import quiet_known_noise
+
+        quiet_known_noise()
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -722,6 +725,7 @@ def _finalize(
 
 def run_embedding(cfg: EmbedConfig) -> EmbedResult:
     """Embed `cfg.input` into `cfg.output_dir`, skipping shards an earlier run already finished."""
+    require_absolute(cfg)
     import pyarrow.parquet as pq
 
     from umarvel_ray.pipelines.embedstore import MANIFEST_NAME

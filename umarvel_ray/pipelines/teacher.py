@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import ConfigError, save_config
+from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.pipelines import decode
 from umarvel_ray.pipelines.embed import EmbedConfig, model_signature
@@ -68,30 +68,31 @@ DEFAULT_TASK_WEIGHTS = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
 class TeacherConfig:
     """Settings of one teacher-scoring job (`jobs/teacher_scores.py --config CFG key=value ...`)."""
 
-    data_root: str = field(default="", metadata={"help": "M-BEIR root (files and images resolve against it)"})
+    data_root: str = field(default="", metadata={"path": "cwd", "help": "M-BEIR root (files and images resolve against it)"})
     model: str = field(
         default="",
-        metadata={"help": "embedder (stage-4) model dir; may be empty when both embedding dirs are complete"},
+        metadata={"path": "model", "help": "embedder (stage-4) model dir; may be empty when both embedding dirs are complete"},
     )
-    adapter: str | None = field(default=None, metadata={"help": "optional embedder LoRA adapter"})
+    adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional embedder LoRA adapter"})
     reranker: str | None = field(
-        default=None, metadata={"help": "re-ranker model dir; null = teacher is cos only"}
+        default=None, metadata={"path": "model", "help": "re-ranker model dir; null = teacher is cos only"}
     )
-    reranker_adapter: str | None = field(default=None, metadata={"help": "optional re-ranker LoRA adapter"})
+    reranker_adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional re-ranker LoRA adapter"})
     reranker_dtype: str | None = field(
         default=None, metadata={"help": "re-ranker dtype override (float32|bfloat16|auto)"}
     )
-    output_dir: str = field(default="", metadata={"help": "where teacher.jsonl and summary.json go"})
-    query_file: str = field(default=mbeir.TRAIN_QUERY_FILE, metadata={"help": "training queries jsonl"})
-    pool_file: str = field(default=mbeir.TRAIN_POOL_FILE, metadata={"help": "union training pool jsonl"})
+    output_dir: str = field(default="", metadata={"path": "cwd", "help": "where teacher.jsonl and summary.json go"})
+    query_file: str = field(default=mbeir.TRAIN_QUERY_FILE, metadata={"path": "data", "help": "training queries jsonl"})
+    pool_file: str = field(default=mbeir.TRAIN_POOL_FILE, metadata={"path": "data", "help": "union training pool jsonl"})
     query_embeddings: str | None = field(
         default=None,
         metadata={
+            "path": "cwd",
             "help": "sampled-query embedding dir; null = <output_dir>/embeddings/queries-<sample hash>"
         },
     )
     pool_embeddings: str | None = field(
-        default=None, metadata={"help": "pool embedding dir; null = <output_dir>/embeddings/pool"}
+        default=None, metadata={"path": "cwd", "help": "pool embedding dir; null = <output_dir>/embeddings/pool"}
     )
     fraction: float = field(default=0.1, metadata={"help": "fraction of each task's queries sampled"})
     min_per_task: int = field(default=1, metadata={"help": "at least this many queries per task"})
@@ -316,6 +317,9 @@ class RerankActor:
         import torch
 
         from umarvel_ray.model.reranker import Reranker
+        from umarvel_ray.progress import quiet_known_noise
+
+        quiet_known_noise()
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -609,6 +613,7 @@ def _run_reranker(
 
 def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     """Sample, embed, retrieve top-k per local pool, score with the re-ranker; write teacher.jsonl."""
+    require_absolute(cfg)
     from umarvel_ray.progress import summary
 
     t0 = time.perf_counter()

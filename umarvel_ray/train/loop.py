@@ -45,6 +45,7 @@ from torch import nn
 
 from umarvel_ray.config import from_dict, save_config, to_dict
 from umarvel_ray.model.losses import LossOutput, cached_backward, dist_world, info_nce, kl_distill, stable_id
+from umarvel_ray.progress import quiet_known_noise
 from umarvel_ray.train.stages import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -489,6 +490,7 @@ class _StepLog:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one stage on this rank (see the module docstring for the checkpoint contract)."""
+    quiet_known_noise()
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, dict(config))
     under_ray = ray_train_active()
     use_gpu = cfg.use_gpu and torch.cuda.is_available()

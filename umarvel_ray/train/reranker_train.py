@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, option, to_dict
+from umarvel_ray.config import ConfigError, deep_update, from_dict, option, require_absolute, to_dict
 from umarvel_ray.model.losses import stable_id
+from umarvel_ray.progress import quiet_known_noise
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan
 from umarvel_ray.train.loop import (
     STEPS_FILE,
@@ -55,19 +56,18 @@ Pair = tuple[dict[str, Any], dict[str, Any]]
 class RerankerTrainConfig:
     """Everything the re-ranker's LoRA SFT run needs (model, pairs, optimisation, scale, checkpoints)."""
 
-    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)")
-    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)")
-    output: str = option("", "output dir ('' = <run_dir>/reranker); merged model goes to <output>/model")
+    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)", path="model")
+    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)", path="cwd")
+    output: str = option("", "output dir ('' = <run_dir>/reranker); merged model goes to <output>/model", path="cwd")
     # --- data
-    data_root: str = option("", "M-BEIR data root; relative data and image paths resolve here")
-    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training queries (M-BEIR jsonl)")
-    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool")
-    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv")
+    data_root: str = option("", "M-BEIR data root; relative data and image paths resolve here", path="cwd")
+    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training queries (M-BEIR jsonl)", path="data")
+    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool", path="data")
+    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv", path="data")
     negatives_file: str = option(
         "{run_dir}/negatives/negatives.jsonl",
         "mined negatives {qid, neg_dids} (file or its dir) from the stage-3 model's top-100; "
-        "a '{run_dir}' path is taken as is, other relative paths resolve under data_root",
-    )
+        "a '{run_dir}' path is taken as is, other relative paths resolve under data_root", path="data")
     negatives_per_positive: int = option(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
     max_examples: int = option(0, "use only the first N training queries (0 = all)")
     # --- model / LoRA
@@ -93,13 +93,13 @@ class RerankerTrainConfig:
     use_gpu: bool = option(False, "one GPU per worker, NCCL, bf16")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
     zero_stage: int = option(1, "DeepSpeed ZeRO stage 0-3")
-    deepspeed_config: str = option("", "DeepSpeed JSON template ('' = built-in for zero_stage)")
+    deepspeed_config: str = option("", "DeepSpeed JSON template ('' = built-in for zero_stage)", path="cwd")
     # --- logging / checkpoints / fault tolerance
     log_every: int = option(10, "log + report loss/accuracy/samples per s every N steps")
     save_every: int = option(500, "DeepSpeed checkpoint every N steps (and at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
-    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)", path="cwd")
 
     def __post_init__(self) -> None:
         if self.judge not in ("yes_no", "true_false"):
@@ -284,6 +284,7 @@ def _global_mean(value: torch.Tensor, count: int, world: int) -> tuple[float, in
 
 def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
     """Train the re-ranker on this rank (checkpoint/resume contract as in train/loop.py)."""
+    quiet_known_noise()
     cfg = config if isinstance(config, RerankerTrainConfig) else from_dict(RerankerTrainConfig, dict(config))
     under_ray = ray_train_active()
     use_gpu = cfg.use_gpu and torch.cuda.is_available()
@@ -431,6 +432,7 @@ def build_reranker_trainer(cfg: RerankerTrainConfig) -> Any:
 
 def run_reranker_training(cfg: RerankerTrainConfig, force: bool = False) -> Path:
     """Train the re-ranker with Ray Train (skipped when `<output>/model` exists); returns that dir."""
+    require_absolute(cfg)
     if reranker_done(cfg) and not force:
         log.info("reranker already trained: %s (skipping)", cfg.model_dir)
         return cfg.model_dir
