@@ -28,8 +28,8 @@ log = logging.getLogger("umarvel_ray.jobs.build_index")
 class BuildIndexConfig:
     """Settings of `jobs/build_index.py`."""
 
-    embeddings: str = field(default="", metadata={"help": "embedding directory (part-*.parquet)"})
-    output: str = field(default="", metadata={"help": "index base path (<output>.faiss, .meta.json, ...)"})
+    embeddings: str = field(default="", metadata={"path": "cwd", "help": "embedding directory (part-*.parquet)"})
+    output: str = field(default="", metadata={"path": "cwd", "help": "index base path (<output>.faiss, .meta.json, ...)"})
     factory: str = field(default="Flat", metadata={"help": "faiss factory string; Flat = exact"})
     fp16: bool = field(default=False, metadata={"help": "fp16 vector storage"})
     backend: str = field(default="auto", metadata={"help": "auto | faiss | torch"})
@@ -38,7 +38,7 @@ class BuildIndexConfig:
     train_rows: int = field(default=100_000, metadata={"help": "training sample for IVF/PQ factories"})
     seed: int = field(default=0, metadata={"help": "seed of the training sample"})
     subset_pool: str | None = field(
-        default=None, metadata={"help": "pool jsonl: index only the ids it lists (all must be present)"}
+        default=None, metadata={"path": "cwd", "help": "pool jsonl: index only the ids it lists (all must be present)"}
     )
 
 

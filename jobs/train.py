@@ -25,7 +25,7 @@ log = logging.getLogger("umarvel_ray.jobs.train")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE [--stage NAME] key=value ...`, run the stages, return the exit code."""
-    from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, resolve_stages
+    from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
 
     setup_logging()
     pre = argparse.ArgumentParser(add_help=False)
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job_args(TrainJobConfig, rest, description=__doc__ or "", section="train")
         stages = resolve_stages(job, known.stage)
+        if stages:
+            check_start_model(stages[0])  # later stages start from what the earlier ones write
     except (ConfigError, ValueError) as exc:
         log.error("bad config: %s", exc)
         return 2

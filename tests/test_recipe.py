@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from umarvel_ray.config import ConfigError, load_config
 from umarvel_ray.eval.evaluate import EvalConfig
 from umarvel_ray.pipelines.mine import MineConfig
 from umarvel_ray.pipelines.teacher import TeacherConfig
-from umarvel_ray.recipe import STEPS, Recipe, RecipeConfig
+from umarvel_ray.recipe import STEPS, MissingStageOutput, Recipe, RecipeConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
 from umarvel_ray.train.stages import TrainJobConfig
 
@@ -35,6 +36,10 @@ def test_preset_loads_for_the_pipeline_and_every_single_job(preset):
             assert cfg.data_root == recipe.data_root, (cls, section)
         if hasattr(cfg, "run_dir"):
             assert cfg.run_dir == recipe.run_dir, (cls, section)
+        nested = getattr(recipe, section)  # the same section inside the pipeline's config
+        for key in ("data_root", "run_dir"):
+            if hasattr(nested, key):
+                assert getattr(nested, key) == getattr(recipe, key), (section, key)
 
 
 def test_chain_wires_each_step_to_the_previous_outputs(tmp_path):
@@ -47,13 +52,27 @@ def test_chain_wires_each_step_to_the_previous_outputs(tmp_path):
     assert (job.run_dir, job.data_root, job.model) == (str(tmp_path), "/data", str(tmp_path / "base_model"))
     assert job.stage4["negatives_file"] == str(tmp_path / "negatives" / "negatives.jsonl")
     assert job.stage5["teacher_file"] == str(tmp_path / "teacher" / "teacher.jsonl")
-    # nothing trained yet: every consumer falls back to the base model
-    assert recipe.latest_model(before="stage4") == str(tmp_path / "base_model")
-    (tmp_path / "stage3" / "model").mkdir(parents=True)
-    (tmp_path / "stage3" / "model" / "config.json").write_text("{}")
+    # nothing trained yet: a consumer of stage 3's model is told which stage and path are missing
+    with pytest.raises(MissingStageOutput, match=rf"stage3's merged model {tmp_path}/stage3/model does not exist"):
+        recipe.latest_model(before="stage4")
+    for stage in ("stage1", "stage2", "stage3"):
+        (tmp_path / stage / "model").mkdir(parents=True)
+        (tmp_path / stage / "model" / "config.json").write_text("{}")
     assert recipe.latest_model(before="stage4") == str(tmp_path / "stage3" / "model")
-    assert recipe.latest_model(before="stage3") == str(tmp_path / "base_model")
-    assert recipe.latest_model() == str(tmp_path / "stage3" / "model")
+    assert recipe.latest_model(before="stage3") == str(tmp_path / "stage2" / "model")
+    assert recipe.latest_model(before="stage1") == str(tmp_path / "base_model")  # the chain starts here
+    with pytest.raises(MissingStageOutput, match="stage5's merged model"):
+        recipe.latest_model()
+
+
+def test_a_chain_that_starts_later_uses_the_base_model(tmp_path):
+    cfg = load_config(
+        RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}", "train.stages=[stage4]"]
+    )
+    recipe = Recipe(cfg)
+    assert recipe.latest_model(before="stage4") == str(tmp_path / "base_model")
+    with pytest.raises(MissingStageOutput, match="stage4's merged model"):
+        recipe.latest_model()
 
 
 def test_unknown_step_is_rejected():
@@ -61,10 +80,15 @@ def test_unknown_step_is_rejected():
         load_config(RecipeConfig, None, ["steps=[data,stage9]"])
 
 
-def test_teacher_uses_the_trained_reranker_when_present(tmp_path):
-    cfg = load_config(RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}"])
+def test_teacher_uses_the_trained_reranker_and_refuses_a_missing_one(tmp_path):
+    cfg = load_config(
+        RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}", "train.stages=[]"]
+    )
     recipe = Recipe(cfg)
-    assert recipe.teacher_config().reranker is None  # not trained yet: teacher = cos only
+    with pytest.raises(MissingStageOutput, match=rf"reranker's merged model {tmp_path}/reranker/model"):
+        recipe.teacher_config()
+    no_reranker = Recipe(dataclasses.replace(cfg, steps=[s for s in STEPS if s != "reranker"]))
+    assert no_reranker.teacher_config().reranker is None  # cos-only teacher, as configured
     (tmp_path / "reranker" / "model").mkdir(parents=True)
     (tmp_path / "reranker" / "model" / "config.json").write_text("{}")
     teacher = recipe.teacher_config()

@@ -67,7 +67,7 @@ def test_layering_and_chaining():
     assert (s2.workers, s2.lr, s3.lr) == (4, 1.0, 2.0)  # preset < common < stage section
     assert s2.model == "base-model"  # first stage of this chain starts from the base
     assert s3.model == "/runs/x/stage2/model" and s4.model == "/runs/x/stage3/model"
-    assert s4.negatives_file == "{run_dir}/negatives/negatives.jsonl"
+    assert s4.negatives_file == "/runs/x/negatives/negatives.jsonl"  # {run_dir} expanded at resolution
     assert str(s4.data_path(s4.negatives_file)) == "/runs/x/negatives/negatives.jsonl"
     assert [c.stage for c in resolve_stages(job, "stage4")] == ["stage4"]
     assert s3.model_dir == Path("/runs/x/stage3/model")

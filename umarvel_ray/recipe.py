@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, save_config
+from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.eval.evaluate import EvalConfig
 from umarvel_ray.pipelines.mine import MineConfig
 from umarvel_ray.pipelines.teacher import TeacherConfig
@@ -51,15 +51,15 @@ TINY = "tiny"
 class RecipeConfig:
     """`jobs/pipeline.py` config: where things live, which steps run, and each step's settings."""
 
-    run_dir: str = field(default="runs/toy", metadata={"help": "every artefact of the run goes here"})
-    data_root: str = field(default="data/toy_mbeir", metadata={"help": "M-BEIR directory (real or toy)"})
+    run_dir: str = field(default="runs/toy", metadata={"path": "cwd", "help": "every artefact of the run goes here"})
+    data_root: str = field(default="data/toy_mbeir", metadata={"path": "cwd", "help": "M-BEIR directory (real or toy)"})
     toy_size: str = field(
         default="", metadata={"help": "generate the toy benchmark at data_root when missing: small|medium"}
     )
     toy_seed: int = field(default=0, metadata={"help": "toy benchmark seed"})
     base_model: str = field(
         default=TINY,
-        metadata={"help": "HF id or path of the base MLLM; 'tiny' builds the offline tiny Qwen2-VL"},
+        metadata={"path": "model", "help": "HF id or path of the base MLLM; 'tiny' builds the offline tiny Qwen2-VL"},
     )
     steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "steps to run, in order"})
     train: TrainJobConfig = field(default_factory=TrainJobConfig)
@@ -74,6 +74,10 @@ class RecipeConfig:
             raise ConfigError(f"steps: unknown {unknown}; known: {list(STEPS)}")
         if self.toy_size not in ("", "small", "medium"):
             raise ConfigError(f"toy_size must be '', small or medium, got {self.toy_size!r}")
+
+
+class MissingStageOutput(FileNotFoundError):
+    """A step needs the output of an earlier step of the chain that is not there."""
 
 
 class Recipe:
@@ -106,12 +110,26 @@ class Recipe:
         return dataclasses.replace(job, stage4=stage4, stage5=stage5)
 
     def latest_model(self, before: str | None = None) -> str:
-        """The newest trained model of the chain (the base model when none is trained yet)."""
+        """The model the chain has produced by `before` (all of it when None).
+
+        That is the merged model of the last stage of `train.stages` before `before`, or the base
+        model when the configured chain has no stage there (the chain starts after that point).
+
+        Raises MissingStageOutput naming the stage and its path when that stage's model is not
+        there: an evaluation or a later stage never silently runs on an earlier model.
+        """
         stages = list(STAGE_ORDER if before is None else STAGE_ORDER[: STAGE_ORDER.index(before)])
-        for stage in reversed(stages):
-            if stage in self.cfg.train.stages and (self.stage_model(stage) / "config.json").exists():
-                return str(self.stage_model(stage))
-        return self.base_model_dir
+        chain = [s for s in stages if s in self.cfg.train.stages]
+        if not chain:
+            return self.base_model_dir
+        stage = chain[-1]
+        model = self.stage_model(stage)
+        if not (model / "config.json").exists():
+            raise MissingStageOutput(
+                f"{stage}'s merged model {model} does not exist (no config.json); run {stage} first "
+                f"(steps include it, or jobs/train.py --stage {stage}), or leave it out of train.stages"
+            )
+        return str(model)
 
     # ------------------------------------------------------------------ steps
     def step_data(self) -> None:
@@ -200,8 +218,21 @@ class Recipe:
         run_teacher_scoring(self.teacher_config())
 
     def teacher_config(self) -> TeacherConfig:
-        """Teacher = the stage-4 retriever's cos + w * P(Yes) of the trained re-ranker (when there)."""
-        reranker = str(self.reranker_dir) if (self.reranker_dir / "config.json").exists() else None
+        """Teacher = the stage-4 retriever's cos + w * P(Yes) of the trained re-ranker.
+
+        Cos only when the recipe's steps leave the re-ranker out (said in the log); when they
+        include it, its model must exist (MissingStageOutput otherwise).
+        """
+        reranker = None
+        if "reranker" in self.cfg.steps:
+            if not (self.reranker_dir / "config.json").exists():
+                raise MissingStageOutput(
+                    f"reranker's merged model {self.reranker_dir} does not exist (no config.json); run the "
+                    "reranker step first, or leave 'reranker' out of steps for a cos-only teacher"
+                )
+            reranker = str(self.reranker_dir)
+        else:
+            log.info("teacher: 'reranker' is not in steps, so the teacher is cos only")
         return dataclasses.replace(
             self.cfg.teacher,
             data_root=str(self.data_root),
@@ -250,4 +281,5 @@ def _pct(value: Any) -> str:
 
 
 def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
+    require_absolute(cfg)
     return Recipe(cfg).run()

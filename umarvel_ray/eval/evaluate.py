@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import ConfigError, save_config
+from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data.mbeir import (
     GLOBAL_POOL_FILE,
     INSTRUCTIONS_FILE,
@@ -63,10 +63,10 @@ LOCAL_SOURCES = ("auto", "global", "local")
 class EvalConfig:
     """Settings of one M-BEIR evaluation (`jobs/evaluate.py --config CFG key=value ...`)."""
 
-    data_root: str = field(default="", metadata={"help": "M-BEIR root (query/, cand_pool/, qrels/, images)"})
-    model: str = field(default="", metadata={"help": "embedder model directory (merged checkpoint)"})
-    adapter: str | None = field(default=None, metadata={"help": "optional LoRA adapter directory"})
-    out_dir: str = field(default="", metadata={"help": "embeddings, indexes, runs and the report go here"})
+    data_root: str = field(default="", metadata={"path": "cwd", "help": "M-BEIR root (query/, cand_pool/, qrels/, images)"})
+    model: str = field(default="", metadata={"path": "model", "help": "embedder model directory (merged checkpoint)"})
+    adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional LoRA adapter directory"})
+    out_dir: str = field(default="", metadata={"path": "cwd", "help": "embeddings, indexes, runs and the report go here"})
     tasks: list[str] = field(
         default_factory=list,
         metadata={"help": "task names (e.g. mscoco_task0); empty = all 16 whose files are present"},
@@ -104,9 +104,9 @@ class EvalConfig:
         },
     )
     global_pool_file: str = field(
-        default=GLOBAL_POOL_FILE, metadata={"help": "union pool, relative to data_root"}
+        default=GLOBAL_POOL_FILE, metadata={"path": "data", "help": "union pool, relative to data_root"}
     )
-    instructions_file: str = field(default=INSTRUCTIONS_FILE, metadata={"help": "relative to data_root"})
+    instructions_file: str = field(default=INSTRUCTIONS_FILE, metadata={"path": "data", "help": "relative to data_root"})
     index_factory: str = field(default="Flat", metadata={"help": "faiss factory string; Flat = exact"})
     fp16: bool = field(default=False, metadata={"help": "fp16 vector storage in the index"})
     backend: str = field(default="auto", metadata={"help": "index backend: auto | faiss | torch"})
@@ -821,6 +821,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     (the SUMMARY line), `skipped`, `paths`, what was embedded / reused / built, and `results`
     ({task: {pool: RetrievalMetrics}}).
     """
+    require_absolute(cfg)
     t0 = time.perf_counter()
     plan = plan_tasks(cfg)
     plan.out_dir.mkdir(parents=True, exist_ok=True)

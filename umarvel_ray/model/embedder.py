@@ -44,7 +44,7 @@ class LoraConfig:
 class EmbedderConfig:
     """Everything that defines how an embedding is computed (saved next to merged weights)."""
 
-    model: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "HF id or local path"})
+    model: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"path": "model", "help": "HF id or local path"})
     inputs: InputConfig = field(default_factory=InputConfig)
     attention: str = field(default="bidirectional", metadata={"help": "bidirectional or causal"})
     pooling: str = field(default="mean", metadata={"help": "mean (masked) or last (<emb> / last token)"})

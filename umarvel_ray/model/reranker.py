@@ -43,7 +43,7 @@ IGNORE_INDEX = -100
 class RerankerConfig:
     """Judge settings (saved next to merged weights)."""
 
-    model: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "HF id or local path"})
+    model: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"path": "model", "help": "HF id or local path"})
     judge: str = field(default="yes_no", metadata={"help": "yes_no (U-MARVEL) or true_false (MM-Embed)"})
     inputs: InputConfig = field(
         default_factory=lambda: InputConfig(max_text_tokens=240),

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, save_config
+from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.pipelines.embed import EmbedConfig, EmbedResult, run_embedding
 
@@ -59,21 +59,21 @@ PAD_ID = ""  # the index pads rows shorter than k with id "" (see umarvel_ray.in
 class MineConfig:
     """Settings of one mining job (`jobs/mine_negatives.py --config CFG key=value ...`)."""
 
-    data_root: str = field(default="", metadata={"help": "M-BEIR root (files and images resolve against it)"})
+    data_root: str = field(default="", metadata={"path": "cwd", "help": "M-BEIR root (files and images resolve against it)"})
     model: str = field(
         default="",
-        metadata={"help": "embedder (stage-3) model dir; may be empty when both embedding dirs are complete"},
+        metadata={"path": "model", "help": "embedder (stage-3) model dir; may be empty when both embedding dirs are complete"},
     )
-    adapter: str | None = field(default=None, metadata={"help": "optional LoRA adapter directory"})
-    output_dir: str = field(default="", metadata={"help": "where negatives.jsonl, summary.json go"})
-    query_file: str = field(default=mbeir.TRAIN_QUERY_FILE, metadata={"help": "training queries jsonl"})
-    pool_file: str = field(default=mbeir.TRAIN_POOL_FILE, metadata={"help": "union training pool jsonl"})
+    adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional LoRA adapter directory"})
+    output_dir: str = field(default="", metadata={"path": "cwd", "help": "where negatives.jsonl, summary.json go"})
+    query_file: str = field(default=mbeir.TRAIN_QUERY_FILE, metadata={"path": "data", "help": "training queries jsonl"})
+    pool_file: str = field(default=mbeir.TRAIN_POOL_FILE, metadata={"path": "data", "help": "union training pool jsonl"})
     query_embeddings: str | None = field(
         default=None,
-        metadata={"help": "query embedding dir; null = <output_dir>/embeddings/queries[-firstN]"},
+        metadata={"path": "cwd", "help": "query embedding dir; null = <output_dir>/embeddings/queries[-firstN]"},
     )
     pool_embeddings: str | None = field(
-        default=None, metadata={"help": "pool embedding dir; null = <output_dir>/embeddings/pool"}
+        default=None, metadata={"path": "cwd", "help": "pool embedding dir; null = <output_dir>/embeddings/pool"}
     )
     depth: int = field(default=100, metadata={"help": "retrieval depth (top-k searched per query)"})
     num_negatives: int = field(default=5, metadata={"help": "negatives kept per query"})
@@ -457,6 +457,7 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
 
 def run_mining(cfg: MineConfig) -> MineResult:
     """Embed, search top-`depth`, select negatives; write negatives.jsonl + summary.json."""
+    require_absolute(cfg)
     from umarvel_ray.index import build_index_from_embeddings
     from umarvel_ray.pipelines.embedstore import iter_embedding_batches, read_embeddings
     from umarvel_ray.progress import Progress, summary

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, option, to_dict
+from umarvel_ray.config import (
+    ConfigError,
+    deep_update,
+    from_dict,
+    is_local_model,
+    option,
+    resolve_paths,
+    to_dict,
+)
 
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
 DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
@@ -26,16 +34,16 @@ class TrainConfig:
     """Everything one LoRA training stage needs (model, data, optimisation, scale, checkpointing)."""
 
     stage: str = option("stage3", "stage name; outputs go to <run_dir>/<stage>/")
-    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)")
-    model: str = option("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded")
+    run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)", path="cwd")
+    model: str = option("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded", path="model")
     # --- data
     data_kind: str = option("mbeir", "nli | caption | mbeir | distill (which example builder)")
-    data_root: str = option("", "M-BEIR style data root; relative data paths and image paths resolve here")
-    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)")
-    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)")
-    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv (mbeir)")
-    negatives_file: str = option("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded")
-    teacher_file: str = option("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded")
+    data_root: str = option("", "M-BEIR style data root; relative data paths and image paths resolve here", path="cwd")
+    train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)", path="data")
+    pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)", path="data")
+    instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv (mbeir)", path="data")
+    negatives_file: str = option("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded", path="data")
+    teacher_file: str = option("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded", path="data")
     num_negatives: int = option(
         0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
     )
@@ -74,14 +82,13 @@ class TrainConfig:
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
     zero_stage: int = option(1, "DeepSpeed ZeRO stage 0-3 (recipe: 1)")
     deepspeed_config: str = option(
-        "", "DeepSpeed JSON template ('' = built-in for zero_stage); 'auto' values filled"
-    )
+        "", "DeepSpeed JSON template ('' = built-in for zero_stage); 'auto' values filled", path="cwd")
     # --- logging / checkpoints / fault tolerance
     log_every: int = option(10, "log + report metrics every N steps")
     save_every: int = option(500, "DeepSpeed checkpoint every N steps (and at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept (Ray CheckpointConfig.num_to_keep)")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
-    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)")
+    resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)", path="cwd")
     inject_failure_at_step: int = option(0, "testing: rank 0 raises once after this step (0 = never)")
 
     def __post_init__(self) -> None:
@@ -185,16 +192,16 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 class TrainJobConfig:
     """`jobs/train.py` config: shared settings, per-stage sections, and which stages to run."""
 
-    run_dir: str = option("runs/default", "run directory shared by all stages")
-    data_root: str = option("", "data root (M-BEIR layout)")
-    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain")
+    run_dir: str = option("runs/default", "run directory shared by all stages", path="cwd")
+    data_root: str = option("", "data root (M-BEIR layout)", path="cwd")
+    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain", path="model")
     stages: list[str] = option(list(STAGE_ORDER), "stages to run, in order (the chain order is STAGE_ORDER)")
-    common: dict = option({}, "TrainConfig keys applied to every stage (below the stage sections)")
-    stage1: dict = option({}, "TrainConfig overrides for stage 1 (text pairs)")
-    stage2: dict = option({}, "TrainConfig overrides for stage 2 (caption -> image)")
-    stage3: dict = option({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)")
-    stage4: dict = option({}, "TrainConfig overrides for stage 4 (hard negatives)")
-    stage5: dict = option({}, "TrainConfig overrides for stage 5 (distillation)")
+    common: dict = option({}, "TrainConfig keys applied to every stage (below the stage sections)", keys_of=TrainConfig)
+    stage1: dict = option({}, "TrainConfig overrides for stage 1 (text pairs)", keys_of=TrainConfig)
+    stage2: dict = option({}, "TrainConfig overrides for stage 2 (caption -> image)", keys_of=TrainConfig)
+    stage3: dict = option({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)", keys_of=TrainConfig)
+    stage4: dict = option({}, "TrainConfig overrides for stage 4 (hard negatives)", keys_of=TrainConfig)
+    stage5: dict = option({}, "TrainConfig overrides for stage 5 (distillation)", keys_of=TrainConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
@@ -219,7 +226,7 @@ def stage_config(job: TrainJobConfig, name: str) -> TrainConfig:
         cfg = dataclasses.replace(
             cfg, model=job.model if idx == 0 else str(Path(job.run_dir) / chain[idx - 1] / "model")
         )
-    return dataclasses.replace(cfg, model=cfg.expand(cfg.model))
+    return resolve_paths(cfg)
 
 
 def resolve_stages(job: TrainJobConfig, only: str | None = None) -> list[TrainConfig]:
@@ -230,3 +237,28 @@ def resolve_stages(job: TrainJobConfig, only: str | None = None) -> list[TrainCo
             raise ConfigError(f"unknown stage {only!r}; known: {list(STAGE_ORDER)}")
         names = [only]
     return [stage_config(job, n) for n in names]
+
+
+def check_start_model(cfg: TrainConfig) -> None:
+    """Refuse, in the user's terms, a stage whose starting model is a local directory that is not
+    there (a hub id is left to `from_pretrained`). Call before any Ray or DeepSpeed start-up.
+
+    Raises ConfigError naming the stage, the path, and the two ways out.
+    """
+    model = cfg.model
+    if not model:
+        raise ConfigError(f"{cfg.stage}: no starting model; set {cfg.stage}.model=<HF id or directory>")
+    if not is_local_model(model, Path.cwd()) or (Path(model) / "config.json").is_file():
+        return
+    previous = next((s for s in STAGE_ORDER if Path(model) == Path(cfg.run_dir) / s / "model"), None)
+    if previous is None:
+        raise ConfigError(
+            f"{cfg.stage}: starting model {model} does not exist (no config.json); set model= (the "
+            f"chain's base) or {cfg.stage}.model= to an HF id or a model directory"
+        )
+    raise ConfigError(
+        f"{cfg.stage} starts from {previous}'s merged model {model}, which does not exist yet. Either "
+        f"run {previous} first (jobs/train.py --stage {previous}, or list it in stages=[...]), or start "
+        f"the chain at {cfg.stage}: set {cfg.stage}.model=<HF id or directory>, or stages=[{cfg.stage},...] "
+        "to train from the job's model="
+    )

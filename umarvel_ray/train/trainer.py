@@ -13,8 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from umarvel_ray.config import require_absolute
 from umarvel_ray.train.loop import SUMMARY_FILE, train_loop_per_worker
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.train.stages import TrainConfig, check_start_model
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,18 @@ def build_trainer(cfg: TrainConfig) -> object:
 
 def torch_trainer(loop: Any, cfg: Any, name: str, extra_config: dict[str, Any] | None = None) -> Any:
     """A TorchTrainer (gloo on CPU, NCCL on GPU) running `loop` on `cfg.workers` workers, its run
-    state under `<run_dir>/ray/<name>`. Paths in the loop's config are made absolute, because
-    workers may not share the driver's working directory; `extra_config` is merged on top."""
+    state under `<run_dir>/ray/<name>`; `extra_config` is merged on top. The config's paths are
+    absolute already (`require_absolute` at the entry points), so workers that do not share the
+    driver's working directory read the same files."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    storage = Path(cfg.run_dir).resolve() / "ray"
+    storage = Path(cfg.run_dir) / "ray"
     storage.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
-    config["run_dir"] = str(Path(cfg.run_dir).resolve())
-    for key in ("data_root", "deepspeed_config", "resume_from"):
-        if config[key]:
-            config[key] = str(Path(config[key]).resolve())
-    if cfg.model and Path(cfg.model).exists():
-        config["model"] = str(Path(cfg.model).resolve())
     config.update(extra_config or {})
     return TorchTrainer(
         loop,
@@ -67,11 +63,11 @@ def torch_trainer(loop: Any, cfg: Any, name: str, extra_config: dict[str, Any] |
 
 def run_stage(cfg: TrainConfig, force: bool = False) -> Path:
     """Train one stage with Ray Train (skipped when already done); returns `<run>/<stage>/model`."""
+    require_absolute(cfg)
     if stage_done(cfg) and not force:
         log.info("%s already trained: %s (skipping)", cfg.stage, cfg.model_dir)
         return cfg.model_dir
-    if not cfg.model:
-        raise ValueError(f"{cfg.stage}: no input model (set model or run the previous stage)")
+    check_start_model(cfg)
     result = build_trainer(cfg).fit()
     if getattr(result, "error", None) is not None:
         raise result.error
