@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel_ray.config import ConfigError, parse_job_args, save_config
+from umarvel_ray.index.factory import RULE
 from umarvel_ray.progress import setup_logging, summary
 
 log = logging.getLogger("umarvel_ray.jobs.build_index")
@@ -30,7 +31,9 @@ class BuildIndexConfig:
 
     embeddings: str = field(default="", metadata={"path": "cwd", "help": "embedding directory (part-*.parquet)"})
     output: str = field(default="", metadata={"path": "cwd", "help": "index base path (<output>.faiss, .meta.json, ...)"})
-    factory: str = field(default="Flat", metadata={"help": "faiss factory string; Flat = exact"})
+    factory: str = field(
+        default="Flat", metadata={"help": f"faiss factory string; Flat = exact. Pool-size rule: {RULE}"}
+    )
     fp16: bool = field(default=False, metadata={"help": "fp16 vector storage"})
     backend: str = field(default="auto", metadata={"help": "auto | faiss | torch"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})

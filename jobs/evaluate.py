@@ -9,7 +9,9 @@ Embeds the queries and the global union pool once (Ray Data), cuts each task's l
 the global embeddings, searches exactly (faiss Flat by default), and writes out_dir/mbeir.json,
 out_dir/mbeir.md, out_dir/runs/<task>.<pool>.trec and out_dir/config.yaml. Rerunning the same
 command reuses finished embeddings and indexes. Missing task files are skipped and reported.
-Exit codes: 0 done, 2 bad config (or nothing to evaluate), 1 any other failure.
+Before embedding, every input file is validated (a file validate_data.py refuses is refused here
+with the same FILE:LINE lines) and the index factory is checked against every pool's size.
+Exit codes: 0 done, 2 bad config, bad input files or nothing to evaluate, 1 any other failure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         print(f.read(), flush=True)
     for key, why in report["skipped"].items():
         print(f"SKIPPED {key}: {why}", flush=True)
+    for row in report["rejected"]:
+        print(f"REJECTED {row}", flush=True)
     print(report["summary"], flush=True)
     return report
 

@@ -211,7 +211,8 @@ def test_build_from_embedding_shards(tmp_path):
         )
     streamed = build_index_from_embeddings(tmp_path, backend="faiss", batch_rows=64)
     assert streamed.search(queries, 6)[1] == build_index(pool, ids, backend="faiss").search(queries, 6)[1]
-    ivf = build_index_from_embeddings(tmp_path, factory="IVF8,Flat", nprobe=8, train_rows=300, batch_rows=64)
+    ivf = build_index_from_embeddings(tmp_path, factory="IVF8,Flat", nprobe=8, train_rows=400, batch_rows=64)
+    assert ivf.factory == "IVF8,Flat"  # 400 >= 39 x 8 training vectors: the IVF applies
     assert len(ivf) == 500 and ivf.search(queries, 6)[1] == streamed.search(queries, 6)[1]
 
 

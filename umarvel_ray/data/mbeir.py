@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from umarvel_ray.data import jsonl
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import ray.data
 
@@ -161,23 +163,42 @@ def format_issue(file: str | Path, line: int, field: str, message: str) -> str:
     return f"{file}:{line}: field '{field}': {message}"
 
 
-_ID_RE = re.compile(r"^(\d+):(\d+)$")
+# Canonical ids only: ASCII digits (`\d` would also take "٣", which int() reads as 3), no
+# leading zeros ("9:012" would hash like "9:12"), and matched with fullmatch (`$` also matches
+# before a final newline, so "9:1\n" passed a `match(...$)` check and hashed like "9:1").
+# With n below the stride, did_to_int / qid_to_int are one-to-one: distinct valid ids never
+# share an integer (UniIR's hash_did / hash_qid, src/data/preprocessing/utils.py, same strides).
+_ID_RE = re.compile(r"(0|[1-9][0-9]*):(0|[1-9][0-9]*)", re.ASCII)
 DID_STRIDE = 10_000_000
 QID_STRIDE = 500_000
+ID_FORM = "'<dataset_id>:<n>' (ASCII digits, no leading zeros)"
+
+
+def id_problem(s: Any, stride: int = DID_STRIDE) -> str | None:
+    """Why `s` is not a canonical id whose n fits `stride` (None when it is one)."""
+    if not isinstance(s, str):
+        return f"expected a string id, got {type(s).__name__} {s!r}"
+    m = _ID_RE.fullmatch(s)
+    if m is None:
+        return f"id {s!r} is not of the form {ID_FORM}"
+    if int(m.group(2)) >= stride:
+        return f"id {s!r}: n={m.group(2)} does not fit the integer id scheme (n < {stride})"
+    return None
 
 
 def split_id(s: str) -> tuple[int, int]:
-    """ "9:123" -> (9, 123); ValueError for anything that is not "<int>:<int>"."""
-    m = _ID_RE.match(s) if isinstance(s, str) else None
+    """ "9:123" -> (9, 123); ValueError for anything that is not a canonical "<int>:<int>"."""
+    m = _ID_RE.fullmatch(s) if isinstance(s, str) else None
     if m is None:
-        raise ValueError(f"id {s!r} is not of the form '<dataset_id>:<n>'")
+        raise ValueError(f"id {s!r} is not of the form {ID_FORM}")
     return int(m.group(1)), int(m.group(2))
 
 
 def _to_int(s: str, stride: int) -> int:
+    why = id_problem(s, stride)
+    if why is not None:
+        raise ValueError(why)
     ds, n = split_id(s)
-    if n >= stride:
-        raise ValueError(f"id {s!r}: n={n} does not fit the integer id scheme (n < {stride})")
     return ds * stride + n
 
 
@@ -212,15 +233,39 @@ def int_to_qid(x: int) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def normalize_text(s: str) -> str:
-    """Strip, upper-case the first letter, add a final '.' unless it ends in . ? ! (UniIR format_string)."""
-    s = s.strip()
-    if not s:
-        return s
-    s = s[0].upper() + s[1:]
-    if s[-1] not in ".?!":
-        s += "."
+TEXT_RULES = ("uniir", "none")
+
+
+def normalize_text(s: str | None) -> str:
+    """UniIR's `format_string`, applied to query text and candidate text alike.
+
+    Source: TIGER-AI-Lab/UniIR, src/data/preprocessing/utils.py `format_string` (commit 669475c),
+    called in src/data/mbeir_dataset.py on `query_txt`, on every candidate `txt` (positives,
+    negatives, the pool dataset) and on the instruction-prefixed query. In order: drop every CR
+    (so CRLF becomes LF), strip surrounding whitespace, strip surrounding double quotes (all of
+    them, as `str.strip('"')` does, with no second whitespace strip), upper-case the first
+    character, and add a final "." unless the text ends in ".", "?" or "!". None gives "".
+    """
+    s = (s or "").replace("\r", "").strip().strip('"')
+    if s:
+        s = s[0].upper() + s[1:]
+        if s[-1] not in ".?!":
+            s += "."
     return s
+
+
+def apply_text_rule(txt: Any, rule: str = "uniir") -> str | None:
+    """Model text of a record's text field under `rule` (TEXT_RULES); None when there is no text.
+
+    "uniir" is `normalize_text`; "none" passes the text through unchanged. A text that the rule
+    empties (only quotes, say) counts as no text, the same test `_present` applies to the raw field.
+    """
+    if rule not in TEXT_RULES:
+        raise ValueError(f"unknown text rule {rule!r} (expected one of {', '.join(TEXT_RULES)})")
+    if not _present(txt):
+        return None
+    out = normalize_text(txt) if rule == "uniir" else txt
+    return out if out.strip() else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,12 +294,10 @@ def _present(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
-def _check_id(obj: Mapping[str, Any], name: str, out: list[Issue]) -> None:
-    v = obj[name]
-    if not isinstance(v, str):
-        out.append((name, f"expected a string id, got {type(v).__name__} {v!r}"))
-    elif _ID_RE.match(v) is None:
-        out.append((name, f"id {v!r} is not of the form '<dataset_id>:<n>'"))
+def _check_id(obj: Mapping[str, Any], name: str, stride: int, out: list[Issue]) -> None:
+    why = id_problem(obj[name], stride)
+    if why is not None:
+        out.append((name, why))
 
 
 def _check_optional_str(obj: Mapping[str, Any], name: str, out: list[Issue]) -> None:
@@ -291,9 +334,9 @@ def _check_id_list(obj: Mapping[str, Any], name: str, nonempty: bool, out: list[
         return
     if nonempty and not v:
         out.append((name, "empty list (at least one positive is required)"))
-    bad = [x for x in v if not isinstance(x, str) or _ID_RE.match(x) is None]
+    bad = [why for x in v if (why := id_problem(x, DID_STRIDE)) is not None]
     if bad:
-        out.append((name, f"{len(bad)} malformed id(s), first {bad[0]!r} (expected '<dataset_id>:<n>')"))
+        out.append((name, f"{len(bad)} malformed id(s), first: {bad[0]}"))
 
 
 def check_query_record(obj: Any) -> list[Issue]:
@@ -303,7 +346,7 @@ def check_query_record(obj: Any) -> list[Issue]:
     out: list[Issue] = [(f, "missing required field") for f in QUERY_REQUIRED if f not in obj]
     missing = {f for f, _ in out}
     if "qid" not in missing:
-        _check_id(obj, "qid", out)
+        _check_id(obj, "qid", QID_STRIDE, out)
     for f in ("query_txt", "query_img_path"):
         if f not in missing:
             _check_optional_str(obj, f, out)
@@ -337,7 +380,7 @@ def check_pool_record(obj: Any) -> list[Issue]:
     out: list[Issue] = [(f, "missing required field") for f in POOL_REQUIRED if f not in obj]
     missing = {f for f, _ in out}
     if "did" not in missing:
-        _check_id(obj, "did", out)
+        _check_id(obj, "did", DID_STRIDE, out)
     for f in ("txt", "img_path"):
         if f not in missing:
             _check_optional_str(obj, f, out)
@@ -352,12 +395,12 @@ def parse_qrels_line(text: str) -> tuple[str, str, int, int] | Issue:
     if len(parts) != 5:
         return ("<line>", f"expected 5 whitespace-separated fields 'qid 0 did 1 task_id', got {len(parts)}")
     qid, zero, did, rel, task = parts
-    if _ID_RE.match(qid) is None:
-        return ("qid", f"id {qid!r} is not of the form '<dataset_id>:<n>'")
+    if (why := id_problem(qid, QID_STRIDE)) is not None:
+        return ("qid", why)
     if zero != "0":
         return ("iter", f"second field must be 0, got {zero!r}")
-    if _ID_RE.match(did) is None:
-        return ("did", f"id {did!r} is not of the form '<dataset_id>:<n>'")
+    if (why := id_problem(did, DID_STRIDE)) is not None:
+        return ("did", why)
     if not rel.lstrip("-").isdigit():
         return ("relevance", f"expected an integer, got {rel!r}")
     if not task.isdigit() or int(task) not in TASK_MODALITIES:
@@ -371,15 +414,8 @@ def parse_qrels_line(text: str) -> tuple[str, str, int, int] | Issue:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (line_no, obj, json_error) for every non-blank line; obj is None when json_error is set."""
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield n, json.loads(raw), None
-            except json.JSONDecodeError as e:
-                yield n, None, f"malformed json: {e.msg} at column {e.colno}"
+    """Yield (line_no, obj, json_error) for every non-blank line (the rules of `data.jsonl`)."""
+    return jsonl.iter_jsonl(path)
 
 
 def _opaque(v: Any) -> str | None:
@@ -488,16 +524,15 @@ def read_pool(path: str | Path, validate: bool = True) -> pa.Table:
 def read_qrels(path: str | Path) -> dict[str, set[str]]:
     """Qrels text -> {qid: {did, ...}} of lines with relevance > 0; a malformed line raises."""
     out: dict[str, set[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            parsed = parse_qrels_line(raw)
-            if len(parsed) == 2:
-                raise MBEIRFormatError(path, n, parsed[0], parsed[1])  # type: ignore[misc]
-            qid, did, rel, _task = parsed  # type: ignore[misc]
-            if rel > 0:
-                out.setdefault(qid, set()).add(did)
+    for n, raw, err in jsonl.iter_text(path):
+        if err is not None:
+            raise MBEIRFormatError(path, n, "<line>", err)
+        parsed = parse_qrels_line(raw)  # type: ignore[arg-type]
+        if len(parsed) == 2:
+            raise MBEIRFormatError(path, n, parsed[0], parsed[1])  # type: ignore[misc]
+        qid, did, rel, _task = parsed  # type: ignore[misc]
+        if rel > 0:
+            out.setdefault(qid, set()).add(did)
     return out
 
 
@@ -583,6 +618,10 @@ class Instructions:
         return key in self._by_key
 
 
+# The jsonl BOM rule for the tsv too: a leading UTF-8 BOM is dropped (csv with newline="" already
+# takes LF, CRLF and CR line ends, as `data.jsonl` does).
+TSV_ENCODING = "utf-8-sig"
+
 INSTRUCTION_HEADER = (
     "query_modality",
     "cand_modality",
@@ -616,7 +655,7 @@ def read_instructions(path: str | Path) -> Instructions:
     """Instruction tsv (header + rows; columns by position, names as in UniIR) -> Instructions."""
     rows: list[InstructionRow] = []
     seen: dict[tuple[int, str, str], int] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=TSV_ENCODING, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["query_modality", "cand_modality"]:
@@ -650,24 +689,28 @@ def query_item(
     instructions: Instructions,
     rng: random.Random | None = None,
     prompt_index: int | None = None,
+    text_rule: str = "uniir",
 ) -> dict[str, Any]:
-    """Query row -> model item {text (normalised, None if blank), image path, instruction}."""
+    """Query row -> model item {text under `text_rule`, image path, instruction}.
+
+    The instruction is the tsv prompt as written: U-MARVEL keeps it apart from the query text
+    (wrapped in its own markers and left out of the pooled span), so UniIR's formatting of the
+    concatenated "<prompt> <query>" string has no counterpart here.
+    """
     ds, _ = split_id(row["qid"])
     qm = row["query_modality"]
     cm = task_modalities(row["task_id"])[1]
-    txt = row.get("query_txt")
     return {
-        "text": normalize_text(txt) if _present(txt) else None,
+        "text": apply_text_rule(row.get("query_txt"), text_rule),
         "image": row.get("query_img_path") or None,
         "instruction": instructions.get(ds, qm, cm, rng=rng, prompt_index=prompt_index),
     }
 
 
-def candidate_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Candidate row -> model item; candidates carry no instruction and their text is not rewritten."""
-    txt = row.get("txt")
+def candidate_item(row: Mapping[str, Any], text_rule: str = "uniir") -> dict[str, Any]:
+    """Candidate row -> model item; no instruction, text under the same `text_rule` as queries."""
     return {
-        "text": txt if _present(txt) else None,
+        "text": apply_text_rule(row.get("txt"), text_rule),
         "image": row.get("img_path") or None,
         "instruction": None,
     }

@@ -2,8 +2,9 @@
 
 Every problem is reported as `FILE:LINE: field 'NAME': message` (the format of
 `mbeir.MBEIRFormatError`), all problems are collected rather than stopping at the first, and the
-per-record rules are the same functions the readers use (`mbeir.check_*`), so a directory that
-validates also reads. Positives missing from a pool are counted per task but are not errors:
+per-record rules are the same functions the readers use (`mbeir.check_*`), and lines are split,
+decoded and parsed by the one line reader every job uses (`data.jsonl`), so a directory that
+validates also reads, with the same rows. Positives missing from a pool are counted per task but are not errors:
 the published M-BEIR files contain such ids and evaluation simply cannot retrieve them.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import jsonl, mbeir
 
 DEFAULT_KEEP = 1000
 
@@ -244,20 +245,20 @@ def validate_qrels_file(
     rep = FileReport(str(path), "qrels", keep=keep)
     qrels: dict[str, set[str]] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                rep.rows += 1
-                parsed = mbeir.parse_qrels_line(raw)
-                if len(parsed) == 2:
-                    rep.add(n, parsed[0], parsed[1])  # type: ignore[misc]
-                    continue
-                qid, did, rel, task = parsed  # type: ignore[misc]
-                if expected_task_id is not None and task != expected_task_id:
-                    rep.add(n, "task_id", f"task_id {task} but this file belongs to task {expected_task_id}")
-                if rel > 0:
-                    qrels.setdefault(qid, set()).add(did)
+        for n, raw, err in jsonl.iter_text(path):
+            rep.rows += 1
+            if err is not None:
+                rep.add(n, "<line>", err)
+                continue
+            parsed = mbeir.parse_qrels_line(raw)  # type: ignore[arg-type]
+            if len(parsed) == 2:
+                rep.add(n, parsed[0], parsed[1])  # type: ignore[misc]
+                continue
+            qid, did, rel, task = parsed  # type: ignore[misc]
+            if expected_task_id is not None and task != expected_task_id:
+                rep.add(n, "task_id", f"task_id {task} but this file belongs to task {expected_task_id}")
+            if rel > 0:
+                qrels.setdefault(qid, set()).add(did)
     except (OSError, UnicodeDecodeError) as e:
         rep.add(0, "<file>", f"cannot read: {e}")
     return rep, qrels
@@ -270,7 +271,7 @@ def validate_instructions_file(
     rep = FileReport(str(path), "instructions", keep=keep)
     keys: dict[tuple[int, str, str], int] = {}
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding=mbeir.TSV_ENCODING, newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = next(reader, None)
             names = [h.strip() for h in header] if header else []

@@ -43,12 +43,16 @@ from umarvel_ray.data.mbeir import (
     INSTRUCTIONS_FILE,
     MBEIR_TASKS,
     TASKS_BY_NAME,
+    TEXT_RULES,
     TaskSpec,
     iter_jsonl,
+    read_pool,
     read_qrels,
+    read_queries,
 )
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_average, run_from_search
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run
+from umarvel_ray.index.factory import RULE, factory_for_pool
 
 log = logging.getLogger("umarvel_ray.eval")
 
@@ -107,12 +111,26 @@ class EvalConfig:
         default=GLOBAL_POOL_FILE, metadata={"path": "data", "help": "union pool, relative to data_root"}
     )
     instructions_file: str = field(default=INSTRUCTIONS_FILE, metadata={"path": "data", "help": "relative to data_root"})
-    index_factory: str = field(default="Flat", metadata={"help": "faiss factory string; Flat = exact"})
+    index_factory: str = field(
+        default="Flat",
+        metadata={
+            "help": f"faiss factory string; Flat = exact. Per pool (local pools and the union): {RULE}. "
+            "Checked against every pool's size before embedding starts; the factory each pool got is "
+            "logged and recorded in mbeir.json"
+        },
+    )
     fp16: bool = field(default=False, metadata={"help": "fp16 vector storage in the index"})
     backend: str = field(default="auto", metadata={"help": "index backend: auto | faiss | torch"})
     device: str = field(default="auto", metadata={"help": "index device: auto | cpu | cuda"})
     nprobe: int | None = field(default=None, metadata={"help": "IVF nprobe (approximate factories)"})
     search_batch_size: int = field(default=1024, metadata={"help": "queries per search call"})
+    text_rule: str = field(
+        default="uniir",
+        metadata={
+            "help": "query and candidate text: uniir (UniIR's format_string, as the published numbers) | "
+            "none (texts as they are in the files)"
+        },
+    )
     reuse_embeddings: bool = field(default=True, metadata={"help": "reuse complete, matching embeddings"})
     reuse_indexes: bool = field(default=True, metadata={"help": "reuse saved, matching indexes"})
     write_runs: bool = field(default=True, metadata={"help": "write TREC run files under out_dir/runs"})
@@ -163,22 +181,36 @@ def _resolve(root: Path, p: str) -> Path:
     return q if q.is_absolute() else root / q
 
 
+class InputError(ConfigError):
+    """Input files that fail the validator's checks; the message lists its FILE:LINE: field lines.
+
+    A ConfigError, so the job exits 2 before any embedding, as for a bad config.
+    """
+
+
+def require_valid(reports: Sequence[Any], max_lines: int = 20) -> None:
+    """Raise InputError with the problems of validator `FileReport`s, if any (the same lines
+    `jobs/validate_data.py` prints for these files)."""
+    errors = sum(r.errors for r in reports)
+    if not errors:
+        return
+    problems = [str(p) for r in reports for p in r.problems][:max_lines]
+    more = f"\n... and {errors - len(problems)} more" if errors > len(problems) else ""
+    raise InputError(
+        f"{errors} problem(s) in the input files (as jobs/validate_data.py reports them):\n"
+        + "\n".join(problems)
+        + more
+    )
+
+
 def read_qids(path: Path) -> list[str]:
-    """Query ids of a query jsonl in file order (only the qid is parsed; bad lines are skipped)."""
-    out = []
-    for _, obj, err in iter_jsonl(path):
-        if err is None and isinstance(obj, dict) and isinstance(obj.get("qid"), str):
-            out.append(obj["qid"])
-    return out
+    """Query ids of a query jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
+    return read_queries(path, validate=True).column("qid").to_pylist()
 
 
 def read_dids(path: Path) -> list[str]:
-    """Candidate ids of a pool jsonl in file order (only the did is parsed)."""
-    out = []
-    for _, obj, err in iter_jsonl(path):
-        if err is None and isinstance(obj, dict) and isinstance(obj.get("did"), str):
-            out.append(obj["did"])
-    return out
+    """Candidate ids of a pool jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
+    return read_pool(path, validate=True).column("did").to_pylist()
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -206,10 +238,18 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError("search_batch_size must be >= 1")
     if not cfg.run_id or any(c.isspace() for c in cfg.run_id):
         raise ConfigError(f"run_id must be a non-empty token without spaces, got {cfg.run_id!r}")
+    if cfg.text_rule not in TEXT_RULES:
+        raise ConfigError(f"text_rule must be one of {TEXT_RULES}, got {cfg.text_rule!r}")
 
 
 def plan_tasks(cfg: EvalConfig) -> EvalPlan:
-    """Resolve tasks and pools against the data root; missing files skip a task or pool, never raise."""
+    """Resolve tasks and pools against the data root; missing files skip a task or pool.
+
+    Query and qrels files are checked with the validator's own functions: a file it refuses is
+    refused here with the same FILE:LINE: field lines (InputError), before anything is embedded.
+    """
+    from umarvel_ray.data.validate import validate_qrels_file, validate_query_file
+
     check_config(cfg)
     root = Path(cfg.data_root).expanduser().resolve()
     wanted = [TASKS_BY_NAME[n] for n in cfg.tasks] if cfg.tasks else list(MBEIR_TASKS)
@@ -230,6 +270,7 @@ def plan_tasks(cfg: EvalConfig) -> EvalPlan:
         if not rf.is_file():
             skipped[spec.name] = f"qrels file missing: {rf}"
             continue
+        require_valid([validate_query_file(qf), validate_qrels_file(rf, spec.task_id)[0]])
         qids = read_qids(qf)
         if not qids:
             skipped[spec.name] = f"no queries in {qf}"
@@ -253,6 +294,49 @@ def plan_tasks(cfg: EvalConfig) -> EvalPlan:
     for key, why in skipped.items():
         log.warning("skipped %s: %s", key, why)
     return EvalPlan(root, Path(cfg.out_dir).expanduser(), tasks, skipped, global_file, depth)
+
+
+def pool_sizes(plan: EvalPlan) -> dict[str, int]:
+    """Rows of every pool the plan searches ("<task>/local", "global"), each file validated first
+    (InputError with the validator's FILE:LINE lines for a file it refuses)."""
+    from umarvel_ray.data.validate import validate_pool_file
+
+    files: dict[str, Path] = {f"{t.name}/local": t.pool_file for t in plan.tasks if t.pool_file and "local" in t.pools}
+    if plan.global_pool_file is not None and any("global" in t.pools for t in plan.tasks):
+        files["global"] = plan.global_pool_file
+    reports = {name: validate_pool_file(path)[0] for name, path in files.items()}
+    require_valid(list(reports.values()))
+    return {name: rep.rows for name, rep in reports.items()}
+
+
+def plan_indexes(cfg: EvalConfig, sizes: Mapping[str, int], dim: int) -> dict[str, str]:
+    """The factory each pool's index will get (`index.factory.RULE`), checked before embedding.
+
+    Builds one empty index per distinct factory (dim from the model config, no weights) so that
+    a bad factory string, an nprobe that does not apply, or a backend/device that cannot run it
+    fails now with a ConfigError naming the pool and its size, not after hours of embedding.
+    """
+    from umarvel_ray.index import new_index
+
+    train_rows = 100_000  # build_index's default sample size
+    chosen: dict[str, str] = {}
+    for pool, n in sizes.items():
+        factory, why = factory_for_pool(cfg.index_factory, min(n, train_rows))
+        chosen[pool] = factory
+        if why:
+            log.warning("index %s (%d candidates): %s", pool, n, why)
+        else:
+            log.info("index %s (%d candidates): %s", pool, n, factory)
+    for factory in sorted(set(chosen.values())):
+        pools = [f"{p} ({sizes[p]} candidates)" for p, f in chosen.items() if f == factory]
+        nprobe = cfg.nprobe if factory == cfg.index_factory else None
+        try:
+            new_index(dim, factory, cfg.fp16, cfg.device, cfg.backend, nprobe)
+        except (ValueError, RuntimeError, ImportError) as exc:
+            raise ConfigError(
+                f"index_factory={cfg.index_factory!r} (as {factory!r}) cannot index {', '.join(pools)}: {exc}"
+            ) from exc
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +482,24 @@ def pool_ids_seen(emb_dir: Path) -> set[str]:
     return seen
 
 
+def embedding_rejects(emb: EmbeddingSet) -> list[str]:
+    """Every row the embedding runs of this evaluation rejected, as FILE:LINE: field 'F': reason.
+
+    A rejected query still counts in its task (as a miss) and a rejected candidate is simply not
+    in the index; this list is how the job's summary accounts for each of them.
+    """
+    from umarvel_ray.data.jsonl import read_records
+    from umarvel_ray.data.mbeir import format_issue
+
+    dirs = [*emb.queries, *([emb.global_pool] if emb.global_pool else []), *emb.local_pools.values()]
+    out = []
+    for d in dirs:
+        p = d / "rejects.jsonl"
+        if p.is_file():
+            out += [format_issue(r["file"], r["line"], r["field"], r["reason"]) for r in read_records(p)]
+    return out
+
+
 def _embed_kwargs(cfg: EvalConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "data_root": str(Path(cfg.data_root).expanduser().resolve()),
@@ -412,6 +514,7 @@ def _embed_kwargs(cfg: EvalConfig) -> dict[str, Any]:
         "use_gpu": str(cfg.use_gpu).lower(),  # `use_gpu=false` on the CLI arrives as "False"
         "dtype": cfg.dtype,
         "ray_address": cfg.ray_address,
+        "text_rule": cfg.text_rule,
     }
     kw.update(cfg.embed_overrides)
     return kw
@@ -434,6 +537,7 @@ def ensure_embedded(cfg: EvalConfig, name: str, input_path: Path, kind: str, emb
         "adapter": cfg.adapter,
         "adapter_signature": dir_signature(Path(cfg.adapter).expanduser()) if cfg.adapter else None,
         "instruction": instruction_settings(cfg) if kind == "query" else None,
+        "text_rule": kw["text_rule"],
         "dtype": cfg.dtype,
         "shard_rows": cfg.shard_rows,
         "embed_overrides": cfg.embed_overrides,
@@ -677,7 +781,11 @@ def _search_and_score(
         scores, ids = np.zeros((0, plan.depth), np.float32), np.zeros((0, plan.depth), object)
     run = run_from_search(qids, scores, ids)
     metrics = evaluate_run(run, qrels, t.spec.k, pool_ids=pool_ids, queries=t.qids, extra_ks=cfg.k)
-    info: dict[str, Any] = {"pool_size": len(index), "search_seconds": round(time.perf_counter() - t0, 3)}
+    info: dict[str, Any] = {
+        "pool_size": len(index),
+        "index_factory": getattr(index, "factory", ""),
+        "search_seconds": round(time.perf_counter() - t0, 3),
+    }
     if cfg.write_runs:
         p = run_path(plan.out_dir, t.name, pool)
         info["run_lines"] = write_trec_run(p, run, f"{cfg.run_id}-{pool}")
@@ -784,9 +892,13 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
 
     report = report_dict(results, settings=settings, task_settings=task_settings)
     avg = {p: macro_average(r[p].hit for r in results.values() if p in r) for p in POOLS}
+    rejected = embedding_rejects(emb)
+    for r in rejected[:20]:
+        log.warning("rejected at embedding: %s", r)
     line = summary(
         "evaluate",
         tasks=len(results),
+        rows_rejected=len(rejected),
         local_avg="-" if avg["local"] is None else f"{100 * avg['local']:.2f}",
         global_avg="-" if avg["global"] is None else f"{100 * avg['global']:.2f}",
         local_tasks=report["averages"]["local"]["n_tasks"],
@@ -803,6 +915,7 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
         {
             "summary": line,
             "skipped": skipped,
+            "rejected": rejected,
             "paths": {k: str(v) for k, v in paths.items()},
             "embedded": list(emb.embedded),
             "reused_embeddings": list(emb.reused),
@@ -817,17 +930,23 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Embed -> index -> search -> metrics on an M-BEIR directory (real or toy); restartable.
 
+    Before any embedding: every input file is validated (InputError with FILE:LINE lines) and
+    the index factory is checked against every pool's size (`plan_indexes`).
+
     Returns the report dict (`tasks`, `averages`, `settings`, as in mbeir.json) plus `summary`
     (the SUMMARY line), `skipped`, `paths`, what was embedded / reused / built, and `results`
     ({task: {pool: RetrievalMetrics}}).
     """
     require_absolute(cfg)
     t0 = time.perf_counter()
-    plan = plan_tasks(cfg)
+    plan = plan_tasks(cfg)  # query and qrels files validated here
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, plan.out_dir)
     if not plan.tasks:
         raise ConfigError(f"nothing to evaluate in {plan.data_root}: {plan.skipped}")
+    from umarvel_ray.pipelines.embed import model_dim
+
+    plan_indexes(cfg, pool_sizes(plan), model_dim(Path(cfg.model).expanduser()))
     emb = embed_stage(cfg, plan)
     report = evaluate_stage(cfg, plan, emb)
     report["seconds"] = round(time.perf_counter() - t0, 2)

@@ -1,6 +1,6 @@
 """Retrieval indexes: faiss (CPU/GPU) and torch exact search behind one `SearchIndex` API."""
 
-from umarvel_ray.index.base import PAD_ID, SearchIndex, merge_topk
+from umarvel_ray.index.base import PAD_ID, NonFiniteVectorError, SearchIndex, merge_topk
 from umarvel_ray.index.build import build_index_from_embeddings
 from umarvel_ray.index.faiss_index import FaissIndex, require_faiss
 from umarvel_ray.index.search import (
@@ -15,6 +15,7 @@ from umarvel_ray.index.torch_index import TorchExactIndex
 
 __all__ = [
     "PAD_ID",
+    "NonFiniteVectorError",
     "ExactIndex",
     "FaissIndex",
     "SearchIndex",

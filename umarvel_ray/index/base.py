@@ -63,13 +63,35 @@ def ids_for_save(ids: np.ndarray) -> np.ndarray:
     return ids.astype(str) if len(ids) else np.zeros(0, dtype="<U1")
 
 
+class NonFiniteVectorError(ValueError):
+    """A NaN or inf in vectors given to an index (build or search)."""
+
+
+def require_finite(vectors: np.ndarray, what: str, ids: Sequence[str] | np.ndarray | None = None) -> None:
+    """Refuse vectors with a NaN or inf: the one check every backend runs on add and on search.
+
+    Without it the backends disagree silently (faiss never returns a NaN candidate and gives a
+    NaN query no results; torch's topk ranks NaN first), and neither says anything.
+    """
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        first = f" (first: row {bad[0]}" + (f", id {ids[bad[0]]!r})" if ids is not None else ")")
+        raise NonFiniteVectorError(
+            f"{len(bad)} of {len(vectors)} {what} vectors are not finite (NaN or inf){first}; "
+            "re-embed them (the embedding pipeline rejects such rows) or drop them"
+        )
+
+
 def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     q = np.asarray(queries)
     if q.ndim == 1:
         q = q[None, :]
     if q.ndim != 2 or q.shape[1] != dim:
         raise ValueError(f"queries must be [nq, {dim}], got shape {q.shape}")
-    return np.ascontiguousarray(q, dtype=np.float32)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    require_finite(q, "query")
+    return q
 
 
 def order_rows(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +163,7 @@ class SearchIndex(abc.ABC):
             raise ValueError(f"vectors must be [n, {self.dim}], got shape {v.shape}")
         if len(ids) != len(v):
             raise ValueError(f"{len(ids)} ids for {len(v)} vectors")
+        require_finite(v, "candidate", ids)
         return v
 
     # -- backend hooks --------------------------------------------------------------------

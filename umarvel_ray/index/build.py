@@ -14,7 +14,7 @@ import numpy as np
 from umarvel_ray.index.base import SearchIndex
 from umarvel_ray.index.faiss_index import FaissIndex
 from umarvel_ray.index.ids import check_unique
-from umarvel_ray.index.search import new_index, train_sample_positions
+from umarvel_ray.index.search import new_index, pool_factory, train_sample_positions
 from umarvel_ray.pipelines.embedstore import count_rows, embedding_dim, iter_embedding_batches
 from umarvel_ray.progress import Progress, summary
 
@@ -47,8 +47,10 @@ def build_index_from_embeddings(
     batch_rows: int = 65_536,
     torch_dtype: str | None = None,
 ) -> SearchIndex:
-    """Index every `part-*.parquet` of an embedding directory (same options as build_index)."""
+    """Index every `part-*.parquet` of an embedding directory (same options and pool-size rule as
+    build_index)."""
     n = count_rows(directory)
+    factory, nprobe = pool_factory(factory, nprobe, min(n, train_rows), str(directory))
     index = new_index(
         embedding_dim(directory), factory, fp16, device, backend, nprobe, ef_search, torch_dtype
     )

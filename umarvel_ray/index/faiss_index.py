@@ -26,7 +26,9 @@ from umarvel_ray.index.base import (
     atomic_write_json,
     base_path,
     ids_for_save,
+    require_finite,
 )
+from umarvel_ray.index.factory import RULE, min_train_vectors
 
 log = logging.getLogger("umarvel_ray")
 
@@ -132,6 +134,10 @@ class FaissIndex(SearchIndex):
         if self.is_trained:
             return
         x = np.ascontiguousarray(sample, dtype=np.float32)
+        require_finite(x, "training")
+        need = min_train_vectors(self.factory)
+        if len(x) < need:  # faiss would raise a C++ error below k centroids, or warn below 39 x k
+            raise ValueError(f"faiss {self.factory} needs >= {need} training vectors, got {len(x)} ({RULE})")
         log.info("training faiss %s on %d vectors", self.factory, len(x))
         self._idmap.train(x)
         self._gpu = None

@@ -26,6 +26,7 @@ from umarvel_ray.index.base import (
     base_path,
     merge_topk,
 )
+from umarvel_ray.index.factory import factory_for_pool
 from umarvel_ray.index.faiss_index import (
     FaissIndex,
     faiss_available,
@@ -50,6 +51,7 @@ __all__ = [
     "load_index",
     "merge_topk",
     "new_index",
+    "pool_factory",
     "read_index_meta",
     "train_sample_positions",
 ]
@@ -118,6 +120,16 @@ def new_index(
     )
 
 
+def pool_factory(factory: str, nprobe: int | None, train_vectors: int, pool: str) -> tuple[str, int | None]:
+    """(factory, nprobe) for a pool under `index.factory.RULE`; a replaced factory is logged and
+    loses its nprobe (exact search has none)."""
+    used, why = factory_for_pool(factory, train_vectors)
+    if why is None:
+        return factory, nprobe
+    log.warning("index for %s: %s", pool, why)
+    return used, None
+
+
 def train_sample_positions(n: int, train_rows: int, seed: int = 0) -> np.ndarray:
     """Sorted random row positions for codebook training (all rows when n <= train_rows)."""
     if n <= train_rows:
@@ -142,7 +154,8 @@ def build_index(
     """Build an inner-product index over in-memory vectors [N, D] with string ids.
 
     Trains on a seeded random sample of `train_rows` rows when the factory needs it (IVF, PQ);
-    ids must be unique (duplicates would surface twice in every result list).
+    a pool too small to train it is searched exactly (`index.factory.RULE`, logged). Ids must be
+    unique (duplicates would surface twice in every result list).
     """
     vecs = np.ascontiguousarray(vectors, dtype=np.float32)
     if vecs.ndim != 2:
@@ -151,6 +164,7 @@ def build_index(
     if len(id_arr) != len(vecs):
         raise ValueError(f"{len(id_arr)} ids for {len(vecs)} vectors")
     check_unique(id_arr)
+    factory, nprobe = pool_factory(factory, nprobe, min(len(vecs), train_rows), "in-memory pool")
     index = new_index(vecs.shape[1], factory, fp16, device, backend, nprobe, ef_search, torch_dtype)
     if isinstance(index, FaissIndex) and not index.is_trained:
         index.train(vecs[train_sample_positions(len(vecs), train_rows, seed)])

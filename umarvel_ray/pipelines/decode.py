@@ -98,9 +98,12 @@ def shard_name(index: int) -> str:
 def index_input(path: str | Path, shard_rows: int, chunk_rows: int) -> InputIndex:
     """Scan a jsonl file once: shard/chunk byte ranges, non-blank rows per shard, sha256.
 
-    Blank (whitespace-only) lines are not rows: they are skipped, not rejected, but they still
+    Lines are split by the one line reader (`data.jsonl`: LF, CRLF and CR end a line, a leading
+    BOM is dropped). Blank lines are not rows: they are skipped, not rejected, but they still
     count as lines so that line numbers match the file.
     """
+    from umarvel_ray.data.jsonl import iter_lines
+
     if shard_rows < 1 or chunk_rows < 1:
         raise ValueError("shard_rows and chunk_rows must be >= 1")
     chunk_rows = min(chunk_rows, shard_rows)
@@ -111,18 +114,20 @@ def index_input(path: str | Path, shard_rows: int, chunk_rows: int) -> InputInde
     line_no = 0
     chunk_start = chunk_first = 0
     with path.open("rb") as f:
-        for raw in f:
-            digest.update(raw)
-            line_no += 1
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        f.seek(0)
+        for line in iter_lines(f):
+            line_no = line.number
             pos_in_shard = (line_no - 1) % shard_rows
             if pos_in_shard == 0:
                 shards.append(ShardSpec(len(shards), line_no, line_no, 0))
             shard = shards[-1]
             if pos_in_shard % chunk_rows == 0:
                 chunk_start, chunk_first = offset, line_no
-            offset += len(raw)
+            offset = line.end
             shard.last_line = line_no
-            if raw.strip():
+            if not line.blank:
                 shard.rows_in += 1
             end_of_chunk = (pos_in_shard + 1) % chunk_rows == 0 or pos_in_shard + 1 == shard_rows
             if end_of_chunk:
@@ -176,8 +181,12 @@ def parse_row(
     seed: int,
     min_pixels: int,
     max_pixels: int,
+    text_rule: str = "uniir",
 ) -> tuple[str, dict[str, Any], str]:
-    """One input line -> (id, item with a decoded image array or None, modality).
+    """One input line (content bytes, no line end) -> (id, item with a decoded image or None, modality).
+
+    The line is decoded and parsed by `data.jsonl.parse_json`; texts follow `text_rule`
+    (`mbeir.TEXT_RULES`: UniIR's format_string, or none).
 
     Raises `RowReject` for a malformed line, an empty item, any record problem the data layer's
     `check_pool_record` / `check_query_record` reports (bad id, unknown modality, modality that
@@ -185,13 +194,12 @@ def parse_row(
     """
     from umarvel_ray.data import mbeir
     from umarvel_ray.data.images import ImageDecodeError, load_image
+    from umarvel_ray.data.jsonl import parse_json
 
     id_key, txt_key, img_key, mod_key = FIELDS[kind]
-    try:
-        row = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        msg = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise RowReject("<json>", f"malformed json: {msg}") from None
+    row, err = parse_json(raw)
+    if err is not None:
+        raise RowReject("<json>", err)
     if not isinstance(row, dict):
         raise RowReject("<record>", f"expected a json object, got {type(row).__name__}")
     if not _present(row.get(txt_key)) and not _present(row.get(img_key)):
@@ -205,13 +213,15 @@ def parse_row(
         if kind == "query":
             instructions = _instructions(instructions_path)
             if prompt_index is not None:
-                item = mbeir.query_item(row, instructions, prompt_index=prompt_index)
+                item = mbeir.query_item(row, instructions, prompt_index=prompt_index, text_rule=text_rule)
             else:
-                item = mbeir.query_item(row, instructions, rng=query_rng(seed, rid))
+                item = mbeir.query_item(row, instructions, rng=query_rng(seed, rid), text_rule=text_rule)
         else:
-            item = mbeir.candidate_item(row)
+            item = mbeir.candidate_item(row, text_rule=text_rule)
     except (KeyError, IndexError, ValueError) as exc:
         raise RowReject("instruction" if kind == "query" else "<record>", str(exc).strip("'\"")) from None
+    if item["text"] is None and not item.get("image"):
+        raise RowReject(txt_key, f"no text left under text rule {text_rule!r}: {row.get(txt_key)!r}")
     image = None
     if item.get("image"):
         try:
@@ -299,29 +309,31 @@ def iter_chunk(
     f: Any, chunk: dict[str, int], kind: str, data_root: str, row_kwargs: dict[str, Any]
 ) -> Iterator[ParsedRow]:
     """Parse the lines of one chunk (an open binary file and a chunk descriptor)."""
-    f.seek(int(chunk["start"]))
-    lines = f.read(int(chunk["end"]) - int(chunk["start"])).split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    for i, raw in enumerate(lines):
-        if not raw.strip():
+    import io
+
+    from umarvel_ray.data.jsonl import iter_lines
+
+    start = int(chunk["start"])
+    f.seek(start)
+    data = io.BytesIO(f.read(int(chunk["end"]) - start))
+    for ln in iter_lines(data, offset=start, first_line=int(chunk["first_line"])):
+        if ln.blank:
             continue
-        line = int(chunk["first_line"]) + i
         try:
-            rid, item, modality = parse_row(raw, kind, data_root, **row_kwargs)
-            yield ParsedRow(int(chunk["shard"]), line, rid, modality, item)
+            rid, item, modality = parse_row(ln.content, kind, data_root, **row_kwargs)
+            yield ParsedRow(int(chunk["shard"]), ln.number, rid, modality, item)
         except RowReject as exc:
             yield ParsedRow(
-                int(chunk["shard"]), line, _best_effort_id(raw, kind), "", None, (exc.field, exc.reason)
+                int(chunk["shard"]), ln.number, _best_effort_id(ln.content, kind), "", None, (exc.field, exc.reason)
             )
 
 
 def _best_effort_id(raw: bytes, kind: str) -> str:
     """The row's id for a reject record, when the line parses far enough to have one."""
-    try:
-        rid = json.loads(raw).get(FIELDS[kind][0])
-    except Exception:  # noqa: BLE001 - any failure just means "no id"
-        return ""
+    from umarvel_ray.data.jsonl import parse_json
+
+    obj, _ = parse_json(raw)
+    rid = obj.get(FIELDS[kind][0]) if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) else ""
 
 
@@ -384,6 +396,7 @@ def decode_chunks(
     seed: int = 0,
     min_pixels: int = 4 * 28 * 28,
     max_pixels: int = 300 * 28 * 28,
+    text_rule: str = "uniir",
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU stage: chunk descriptors -> *groups*, each one model batch for the actors.
 
@@ -398,6 +411,7 @@ def decode_chunks(
         seed=seed,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        text_rule=text_rule,
     )
     collator = (
         _cached_collator(model, adapter, json.dumps(model_overrides or {}, sort_keys=True))

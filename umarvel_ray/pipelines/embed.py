@@ -110,6 +110,13 @@ class EmbedConfig:
     dtype: str | None = field(default=None, metadata={"help": "model dtype override (float32|bfloat16|auto)"})
     min_pixels: int | None = field(default=None, metadata={"help": "image budget; null = the model's"})
     max_pixels: int | None = field(default=None, metadata={"help": "image budget; null = the model's"})
+    text_rule: str = field(
+        default="uniir",
+        metadata={
+            "help": "query and candidate text: uniir (UniIR's format_string: drop CR, strip spaces and "
+            "surrounding double quotes, upper-case the first letter, end with . ? or !) | none (as is)"
+        },
+    )
     check_duplicates: bool = field(
         default=True, metadata={"help": "reject repeated ids (keeps one row per id; holds the ids in memory)"}
     )
@@ -207,6 +214,10 @@ def validate_config(cfg: EmbedConfig) -> _Resolved:
         raise ConfigError(f"collate_in must be tasks or actor, got {cfg.collate_in!r}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
+    from umarvel_ray.data.mbeir import TEXT_RULES
+
+    if cfg.text_rule not in TEXT_RULES:
+        raise ConfigError(f"text_rule must be one of {TEXT_RULES}, got {cfg.text_rule!r}")
     instructions = None
     if cfg.kind == "query":
         instructions = _resolve(data_root, cfg.instructions)
@@ -288,6 +299,7 @@ def _settings(cfg: EmbedConfig, res: _Resolved, index: InputIndex) -> dict[str, 
         "shard_rows": cfg.shard_rows,
         "instruction": instruction,
         "pixels": {"min": res.min_pixels, "max": res.max_pixels},
+        "text_rule": cfg.text_rule,
         "check_duplicates": cfg.check_duplicates,
     }
 
@@ -400,13 +412,28 @@ def _remove_temp_files(out: Path) -> int:
 RESULT_COLUMNS = ("shard", "line", "id", "modality", "reject_field", "reject_reason", "vector")
 
 
+def reject_non_finite(vectors: np.ndarray, meta: dict[str, np.ndarray]) -> int:
+    """Reject (field "vector") every not yet rejected row whose vector has a NaN or an inf.
+
+    An fp16/bf16 overflow gives such vectors; faiss then never returns them and torch ranks them
+    first, so they must never reach an index. Their vector is zeroed; returns how many.
+    """
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1) & (meta["reject_field"] == ""))
+    for i in bad:
+        n_bad = int((~np.isfinite(vectors[i])).sum())
+        meta["reject_field"][i] = "vector"
+        meta["reject_reason"][i] = f"embedding is not finite ({n_bad} of {vectors.shape[1]} values NaN or inf)"
+        vectors[i] = 0.0
+    return len(bad)
+
+
 class EmbedActor:
     """Ray Data actor: loads the embedder once and embeds the groups made by `decode_chunks`.
 
     A group's payload is either an already collated batch (only the forward pass runs here) or
     items with uint8 images (collated here). Rejected rows pass through with a zero vector. For
     item payloads a failing batch is retried row by row and only the failing rows are rejected
-    (field "<model>"); if every row fails alone the error is systemic (wrong model, device lost)
+    (field "<model>"); a row whose vector is not finite is rejected (field "vector"); if every row fails alone the error is systemic (wrong model, device lost)
     and is raised instead of silently rejecting the pool. A failing collated batch is raised too.
     """
 
@@ -478,6 +505,7 @@ class EmbedActor:
                     vectors[ok] = self._from_arrays(payload["collated"])
                 else:
                     vectors[ok] = self._from_items(payload["items"], meta, ok)
+                reject_non_finite(vectors, meta)
             parts.append({**meta, "vector": vectors})
         if not parts:
             return {k: np.zeros(0, object) for k in RESULT_COLUMNS[:-1]} | {
@@ -660,6 +688,7 @@ def build_dataset(cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], us
             "seed": cfg.instruction_seed,
             "min_pixels": res.min_pixels,
             "max_pixels": res.max_pixels,
+            "text_rule": cfg.text_rule,
         },
         num_cpus=cfg.decode_num_cpus,
         # A memory reservation also makes the remote args differ from the actors', which keeps

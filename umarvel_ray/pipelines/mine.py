@@ -277,36 +277,33 @@ def read_query_meta(
 ) -> tuple[dict[str, QueryMeta], list[bytes], int, int]:
     """Valid query records of `path` (first `max_queries` non-blank lines when set).
 
-    Returns (qid -> meta, the raw non-blank lines when `keep_lines`, lines read, invalid count).
+    Lines are split by the one line reader (`data.jsonl`); a meta's (offset, length) is its line's
+    content (no BOM, no line end). Returns (qid -> meta, the non-blank lines, each re-ended with LF,
+    when `keep_lines`, lines read, invalid count).
     Invalid records are counted, not raised: the embedding pipeline rejects them the same way.
     Duplicate qids keep their first record (the embedding pipeline does the same).
     """
+    from umarvel_ray.data.jsonl import iter_file_lines, parse_json
+
     metas: dict[str, QueryMeta] = {}
     lines: list[bytes] = []
     n_read = invalid = 0
-    offset = 0
-    with path.open("rb") as f:
-        for raw in f:
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            if max_queries is not None and n_read >= max_queries:
-                break
-            n_read += 1
-            if keep_lines:
-                lines.append(raw if raw.endswith(b"\n") else raw + b"\n")
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                invalid += 1
-                continue
-            if mbeir.check_query_record(obj) or obj["qid"] in metas:
-                invalid += 1
-                continue
-            ds, _ = mbeir.split_id(obj["qid"])
-            metas[obj["qid"]] = QueryMeta(
-                obj["qid"], int(obj["task_id"]), ds, frozenset(obj["pos_cand_list"]), start, len(raw)
-            )
+    for ln in iter_file_lines(path):
+        if ln.blank:
+            continue
+        if max_queries is not None and n_read >= max_queries:
+            break
+        n_read += 1
+        if keep_lines:
+            lines.append(ln.content + b"\n")
+        obj, err = parse_json(ln.content)
+        if err is not None or mbeir.check_query_record(obj) or obj["qid"] in metas:
+            invalid += 1
+            continue
+        ds, _ = mbeir.split_id(obj["qid"])
+        metas[obj["qid"]] = QueryMeta(
+            obj["qid"], int(obj["task_id"]), ds, frozenset(obj["pos_cand_list"]), ln.start, len(ln.content)
+        )
     return metas, lines, n_read, invalid
 
 
@@ -583,13 +580,9 @@ def read_negatives(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     p = Path(path)
     if p.is_dir():
         p = p / NEGATIVES_NAME
-    out: dict[str, list[str]] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                out[rec["qid"]] = list(rec["neg_dids"])
-    return out
+    from umarvel_ray.data.jsonl import read_records
+
+    return {rec["qid"]: list(rec["neg_dids"]) for rec in read_records(p)}
 
 
 __all__ = [

@@ -419,22 +419,20 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
 
 
 def scan_offsets(path: Path, wanted: set[str], id_key: str = "did") -> dict[str, tuple[int, int]]:
-    """id -> (byte offset, byte length) of its line, for the ids in `wanted` (first occurrence)."""
+    """id -> (byte offset, byte length) of its line's content (`data.jsonl` lines), for the ids in
+    `wanted` (first occurrence)."""
+    from umarvel_ray.data.jsonl import iter_file_lines, parse_json
+
     out: dict[str, tuple[int, int]] = {}
-    offset = 0
-    with path.open("rb") as f:
-        for raw in f:
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            try:
-                rid = json.loads(raw).get(id_key)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                continue
-            if rid in wanted and rid not in out:
-                out[rid] = (start, len(raw))
-                if len(out) == len(wanted):
-                    break
+    for ln in iter_file_lines(path):
+        if ln.blank:
+            continue
+        obj, _ = parse_json(ln.content)  # a malformed line has no id; the embedding job rejects it
+        rid = obj.get(id_key) if isinstance(obj, dict) else None
+        if rid in wanted and rid not in out:
+            out[rid] = (ln.start, len(ln.content))
+            if len(out) == len(wanted):
+                break
     return out
 
 
@@ -777,13 +775,9 @@ def read_teacher(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
         p = p / TEACHER_NAME
-    out: dict[str, dict[str, Any]] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                out[rec["qid"]] = rec
-    return out
+    from umarvel_ray.data.jsonl import read_records
+
+    return {rec["qid"]: rec for rec in read_records(p)}
 
 
 __all__ = [

@@ -15,7 +15,6 @@ workers and per-device batch are unchanged; a change is refused at resume).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -49,18 +48,10 @@ def item_id(item: Item) -> int:
 
 
 def _read_jsonl(path: Path, limit: int = 0) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed json: {e.msg}") from None
-            if limit and len(rows) >= limit:
-                break
-    return rows
+    """Rows of a jsonl (the first `limit` when > 0) by the one line reader; a bad row raises FILE:LINE."""
+    from umarvel_ray.data.jsonl import read_records
+
+    return read_records(path, limit)
 
 
 def _text(s: str | None) -> Item:
