@@ -210,3 +210,11 @@ def test_run_dir_template_without_a_run_dir_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"query_file: .* uses \{run_dir\} but this config has no run_dir"):
         load_config(MineConfig, None, ["query_file={run_dir}/q.jsonl"])
+
+
+def test_a_nested_section_takes_its_parents_data_root():
+    from umarvel_ray.pipelines.mine import MineConfig
+
+    require_absolute(MineConfig(data_root="/data", output_dir="/out"))  # embed.instructions under /data
+    with pytest.raises(ConfigError, match=r"MineConfig.embed.instructions='instructions/"):
+        require_absolute(MineConfig(output_dir="/out"))

@@ -369,22 +369,23 @@ def parse_job_args(
     return load_config(cls, args.config, args.overrides, section=section)
 
 
-def require_absolute(cfg: Any, where: str = "") -> None:
+def require_absolute(cfg: Any, where: str = "", data_root: str = "") -> None:
     """Refuse a config whose directory-relative path fields are still relative.
 
     Library entry points call this: below the config layer every PATH_CWD field and every local
     PATH_MODEL field is absolute (`load_config` / `resolve_paths` make them so). PATH_DATA fields
-    may stay relative only when `data_root` is set, which then anchors them.
+    may stay relative only when `data_root` is set, which then anchors them; a nested section
+    without its own data_root takes its parent's (SHARED_KEYS).
 
     Raises ConfigError naming the field and value.
     """
     name = where or type(cfg).__name__
-    data_root = getattr(cfg, "data_root", "") or ""
+    data_root = getattr(cfg, "data_root", "") or data_root
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         kind = f.metadata.get("path")
         if dataclasses.is_dataclass(value):
-            require_absolute(value, f"{name}.{f.name}")
+            require_absolute(value, f"{name}.{f.name}", data_root)
         if kind is None or not isinstance(value, str) or not value:
             continue
         if kind == PATH_MODEL and not is_local_model(value, Path.cwd()):
