@@ -217,4 +217,4 @@ def test_a_nested_section_takes_its_parents_data_root():
 
     require_absolute(MineConfig(data_root="/data", output_dir="/out"))  # embed.instructions under /data
     with pytest.raises(ConfigError, match=r"MineConfig.embed.instructions='instructions/"):
-        require_absolute(MineConfig(output_dir="/out"))
+        require_absolute(MineConfig(output_dir="/out", query_file="/q.jsonl", pool_file="/p.jsonl"))
