@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from umarvel_ray.config import resolve_paths
 from umarvel_ray.data.mbeir import candidate_item
 from umarvel_ray.train.data import ShardPlan
 from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
@@ -45,7 +46,7 @@ def _cfg(tmp_path: Path, data: Path, model: str = "unused", **kw) -> RerankerTra
         max_examples=12,
     )
     base.update(kw)
-    return RerankerTrainConfig(**base)
+    return resolve_paths(RerankerTrainConfig(**base))  # as load_config gives it to the library
 
 
 def test_pairs_labels_shards_determinism(tmp_path, toy_mbeir_dir):
