@@ -190,6 +190,9 @@ def test_training_inputs_without_union_files(user, tmp_path):
     for q in queries:
         for r in mbeir.read_queries(q).to_pylist():
             assert set(r["pos_cand_list"]) <= dids  # every train positive is in the merged pool
+    # Only the union files may be absent: a path the user set that is not there is an error.
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        resolve_train_inputs(out, out / "query/train/mine.jsonl", out / mbeir.TRAIN_POOL_FILE, tmp_path / "c2")
 
 
 def test_stage1_without_pretrain_pairs_stops_before_any_work(user, monkeypatch, caplog):

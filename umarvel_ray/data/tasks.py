@@ -212,18 +212,26 @@ def upsample_factors(counts: Mapping[str, int], min_queries: int) -> dict[str, i
     return {k: max(1, -(-int(min_queries) // max(1, int(n)))) for k, n in counts.items()}
 
 
+def _same(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
 def resolve_train_inputs(
     root: str | Path, train_file: str | Path, pool_file: str | Path, cache_dir: str | Path
 ) -> tuple[list[Path], Path, str]:
     """(query files, pool file, how) for stages 3-5, mining, teacher and reranker training.
 
-    `train_file` / `pool_file` are used when they exist. When `train_file` is missing, every
-    per-task train file is used; when `pool_file` is missing, the union of the local pools is
-    written to `cache_dir/train_cand_pool.jsonl`. Either replacement is logged, and `how` says
+    `train_file` / `pool_file` are used when they exist. Only M-BEIR's union files may be missing
+    (any other path that is not there raises FileNotFoundError "input file not found"): without
+    the union train file every per-task train file is used; without the union pool, the union of
+    the local pools is written to `cache_dir/train_cand_pool.jsonl`. Either replacement is logged, and `how` says
     which was taken ("union" or "per-task"). Nothing to train on raises FileNotFoundError naming
     both the missing file and the per-task pattern.
     """
     root, train_file, pool_file = Path(root), Path(train_file), Path(pool_file)
+    for given, union in ((train_file, mbeir.TRAIN_QUERY_FILE), (pool_file, mbeir.TRAIN_POOL_FILE)):
+        if not given.is_file() and not _same(given, root / union):
+            raise FileNotFoundError(f"input file not found: {given}")  # only the union file is optional
     how = "union"
     if train_file.is_file():
         queries = [train_file]

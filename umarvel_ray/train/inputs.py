@@ -43,9 +43,12 @@ def check_stage_inputs(cfg: TrainConfig) -> None:
             f"stages=[{_later_stages()}] (stage3 then trains from model=)"
         )
     if cfg.data_kind in ("mbeir", "distill") and not train.is_file():
+        from umarvel_ray.data.mbeir import TRAIN_QUERY_FILE
         from umarvel_ray.data.tasks import train_query_files
 
         root = Path(cfg.data_root or ".")
+        if train.resolve() != (root / TRAIN_QUERY_FILE).resolve():
+            raise ConfigError(f"{cfg.stage}: train_file not found: {train}")
         if not train_query_files(root):
             raise ConfigError(
                 f"{cfg.stage} needs training queries: {train} does not exist and {root}/query/train/ "
