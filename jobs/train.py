@@ -25,6 +25,7 @@ log = logging.getLogger("umarvel_ray.jobs.train")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE [--stage NAME] key=value ...`, run the stages, return the exit code."""
+    from umarvel_ray.train.inputs import check_stage_inputs
     from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
 
     setup_logging()
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = resolve_stages(job, known.stage)
         if stages:
             check_start_model(stages[0])  # later stages start from what the earlier ones write
+        for cfg in stages:
+            check_stage_inputs(cfg)  # e.g. stage1 without pretrain/nli_pairs.jsonl: say what to do
     except (ConfigError, ValueError) as exc:
         log.error("bad config: %s", exc)
         return 2

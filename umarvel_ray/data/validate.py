@@ -360,8 +360,12 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
         report.files.append(rep)
         pool_ids[rel] = ids
 
-    task_by_query = {t.query_file: t for t in mbeir.MBEIR_TASKS}
-    task_by_qrels = {t.qrels_file: t for t in mbeir.MBEIR_TASKS}
+    # Tasks from the file names (the 16 M-BEIR ones and any other mbeir_<dataset>_task<N> files).
+    from umarvel_ray.data.tasks import discover_tasks
+
+    found = [*mbeir.MBEIR_TASKS, *discover_tasks(root, "test"), *discover_tasks(root, "train")]
+    task_by_query = {t.query_file: t for t in found}
+    task_by_qrels = {t.qrels_file: t for t in found}
     query_reports: dict[str, FileReport] = {}
     scans: dict[str, _QueryScan] = {}
     checks: dict[str, PositiveCheck] = {}

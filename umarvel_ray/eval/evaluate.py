@@ -42,7 +42,6 @@ from umarvel_ray.data.mbeir import (
     GLOBAL_POOL_FILE,
     INSTRUCTIONS_FILE,
     MBEIR_TASKS,
-    TASKS_BY_NAME,
     TEXT_RULES,
     TaskSpec,
     iter_jsonl,
@@ -50,6 +49,7 @@ from umarvel_ray.data.mbeir import (
     read_qrels,
     read_queries,
 )
+from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_average, run_from_search
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run
 from umarvel_ray.index.factory import RULE, factory_for_pool
@@ -73,7 +73,21 @@ class EvalConfig:
     out_dir: str = field(default="", metadata={"path": "cwd", "help": "embeddings, indexes, runs and the report go here"})
     tasks: list[str] = field(
         default_factory=list,
-        metadata={"help": "task names (e.g. mscoco_task0); empty = all 16 whose files are present"},
+        metadata={
+            "help": "task names (e.g. mscoco_task0, myphotos_task0); empty = every "
+            "query/test/mbeir_<dataset>_task<N>_test.jsonl in data_root (data.tasks.discover_tasks)"
+        },
+    )
+    task_k: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "R@k of tasks other than the 16 M-BEIR ones, e.g. {myphotos_task0: 10}; default 5"},
+    )
+    global_from_local: bool = field(
+        default=True,
+        metadata={
+            "help": "when global_pool_file is missing, the global pool is the union of the local pools "
+            "(written to out_dir/inputs/union_test_cand_pool.jsonl; conflicting ids refused)"
+        },
     )
     pools: list[str] = field(default_factory=lambda: list(POOLS), metadata={"help": "local and/or global"})
     k: list[int] = field(
@@ -171,6 +185,8 @@ class EvalPlan:
     skipped: dict[str, str]  # "task" or "task/pool" -> reason
     global_pool_file: Path | None  # None: global evaluation skipped (file missing or not asked for)
     depth: int
+    expected: list[TaskSpec] = field(default_factory=lambda: list(MBEIR_TASKS))  # report columns
+    global_sources: list[Path] = field(default_factory=list)  # local pools merged (no union file)
 
     def task(self, name: str) -> TaskPlan:
         return next(t for t in self.tasks if t.name == name)
@@ -220,9 +236,6 @@ def check_config(cfg: EvalConfig) -> None:
             raise ConfigError(f"{name} is required (set {name}=...)")
     if not Path(cfg.data_root).expanduser().is_dir():
         raise ConfigError(f"data_root is not a directory: {cfg.data_root}")
-    unknown = [t for t in cfg.tasks if t not in TASKS_BY_NAME]
-    if unknown:
-        raise ConfigError(f"unknown task(s) {unknown}; known: {', '.join(TASKS_BY_NAME)}")
     bad_pools = [p for p in cfg.pools if p not in POOLS]
     if bad_pools or not cfg.pools:
         raise ConfigError(f"pools must be a non-empty subset of {POOLS}, got {cfg.pools}")
@@ -252,13 +265,29 @@ def plan_tasks(cfg: EvalConfig) -> EvalPlan:
 
     check_config(cfg)
     root = Path(cfg.data_root).expanduser().resolve()
-    wanted = [TASKS_BY_NAME[n] for n in cfg.tasks] if cfg.tasks else list(MBEIR_TASKS)
+    try:
+        found = discover_tasks(root, "test", cfg.task_k)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    expected = expected_tasks(found)
+    by_name = {t.name: t for t in expected}
+    unknown = [t for t in cfg.tasks if t not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; known: {', '.join(by_name)}")
+    wanted = [by_name[n] for n in cfg.tasks] if cfg.tasks else expected
     skipped: dict[str, str] = {}
     global_file: Path | None = None
+    global_sources: list[Path] = []
     if "global" in cfg.pools:
         g = _resolve(root, cfg.global_pool_file)
         if g.is_file():
             global_file = g
+        elif cfg.global_from_local and any((root / t.pool_file).is_file() for t in found):
+            # Over every task of the directory, not only the selected ones: the global number must
+            # not depend on `tasks=`.
+            out = Path(cfg.out_dir).expanduser() / "inputs" / "union_test_cand_pool.jsonl"
+            global_file, global_sources = union_test_pool(root, found, out)
+            log.warning("global pool file %s missing: using the union of %d local pools", g, len(global_sources))
         else:
             skipped["global"] = f"global pool file missing: {g}"
     tasks: list[TaskPlan] = []
@@ -293,7 +322,9 @@ def plan_tasks(cfg: EvalConfig) -> EvalPlan:
     depth = max([depth, *(t.spec.k for t in tasks)])
     for key, why in skipped.items():
         log.warning("skipped %s: %s", key, why)
-    return EvalPlan(root, Path(cfg.out_dir).expanduser(), tasks, skipped, global_file, depth)
+    return EvalPlan(
+        root, Path(cfg.out_dir).expanduser(), tasks, skipped, global_file, depth, expected, global_sources
+    )
 
 
 def pool_sizes(plan: EvalPlan) -> dict[str, int]:
@@ -885,12 +916,16 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
         "fp16": cfg.fp16,
         "backend": cfg.backend,
         "local_source": cfg.local_source,
+        "global_pool": str(plan.global_pool_file) if plan.global_pool_file else None,
+        "global_pool_from_local_pools": [str(p) for p in plan.global_sources],
         "skipped": skipped,
     }
-    paths = write_report(plan.out_dir, results, settings=settings, task_settings=task_settings)
+    paths = write_report(
+        plan.out_dir, results, settings=settings, task_settings=task_settings, tasks=plan.expected
+    )
     from umarvel_ray.eval.report import report_dict
 
-    report = report_dict(results, settings=settings, task_settings=task_settings)
+    report = report_dict(results, plan.expected, settings=settings, task_settings=task_settings)
     avg = {p: macro_average(r[p].hit for r in results.values() if p in r) for p in POOLS}
     rejected = embedding_rejects(emb)
     for r in rejected[:20]:

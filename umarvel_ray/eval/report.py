@@ -3,8 +3,10 @@
 Results are passed around as `{task_name: {"local": RetrievalMetrics, "global": RetrievalMetrics}}`
 (either pool may be absent). The table follows MBEIR_TASKS (RECIPE.md section 2 column order) and
 reports the hit rate at each task's k (R@5, or R@10 for Fashion200K / FashionIQ) in percent.
+Tasks of a directory's own (`data.tasks.discover_tasks`) come after the 16, at their own k.
 Averages are the unweighted mean over tasks; with fewer than 16 tasks present the label says how
-many and which are missing, so a partial run is never mistaken for the headline number.
+many and which are missing, so a partial run is never mistaken for the headline number; over any
+other task set the label names the tasks the mean is taken over.
 """
 
 from __future__ import annotations
@@ -94,14 +96,27 @@ def pool_average(results: Results, pool: str, tasks: Sequence[TaskSpec] = MBEIR_
     present = [t for t in tasks if pool in results.get(t.name, {})]
     value = macro_average(results[t.name][pool].hit for t in present)
     missing = [t.name for t in tasks if t not in present]
-    return {"value": value, "n_tasks": len(present), "n_expected": len(tasks), "missing": missing}
+    return {
+        "value": value,
+        "n_tasks": len(present),
+        "n_expected": len(tasks),
+        "missing": missing,
+        "tasks": [t.name for t in present],
+        "mbeir16": [t.name for t in tasks] == [t.name for t in MBEIR_TASKS],
+    }
 
 
 def average_label(avg: Mapping[str, Any]) -> str:
-    """'avg of 16', or 'avg of 3/16 tasks present' when the run is partial."""
+    """'avg of 16', or 'avg of 3/16 tasks present' when the run is partial; over any other task
+    set (a directory with tasks of its own) the label names the tasks the mean is taken over."""
+    if avg.get("mbeir16", True):
+        if avg["n_tasks"] == avg["n_expected"]:
+            return f"avg of {avg['n_expected']}"
+        return f"avg of {avg['n_tasks']}/{avg['n_expected']} tasks present"
+    over = ", ".join(avg.get("tasks", []))
     if avg["n_tasks"] == avg["n_expected"]:
-        return f"avg of {avg['n_expected']}"
-    return f"avg of {avg['n_tasks']}/{avg['n_expected']} tasks present"
+        return f"avg of {avg['n_tasks']}: {over}"
+    return f"avg of {avg['n_tasks']}/{avg['n_expected']} tasks present: {over}"
 
 
 def report_dict(

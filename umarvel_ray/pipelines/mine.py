@@ -39,6 +39,7 @@ from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.tasks import single_train_inputs
 from umarvel_ray.pipelines.embed import EmbedConfig, EmbedResult, run_embedding
 
 log = logging.getLogger("umarvel_ray.mine")
@@ -445,11 +446,14 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
     if cfg.model and not Path(cfg.model).expanduser().is_dir():
         raise ConfigError(f"model directory not found: {cfg.model}")
     root = Path(cfg.data_root).expanduser()
-    qf, pf = resolve(root, cfg.query_file), resolve(root, cfg.pool_file)
-    for p in (qf, pf):
-        if not p.is_file():
-            raise ConfigError(f"input file not found: {p}")
-    return root, qf, pf, Path(cfg.output_dir).expanduser()
+    out = Path(cfg.output_dir).expanduser()
+    try:  # no union train files: the per-task train files and the union of the local pools
+        qf, pf = single_train_inputs(
+            root, resolve(root, cfg.query_file), resolve(root, cfg.pool_file), out / "inputs"
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return root, qf, pf, out
 
 
 def run_mining(cfg: MineConfig) -> MineResult:

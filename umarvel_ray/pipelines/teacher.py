@@ -43,6 +43,7 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.tasks import single_train_inputs
 from umarvel_ray.pipelines import decode
 from umarvel_ray.pipelines.embed import EmbedConfig, model_signature
 from umarvel_ray.pipelines.mine import (
@@ -411,11 +412,14 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
         if v and not Path(v).expanduser().is_dir():
             raise ConfigError(f"{name} directory not found: {v}")
     root = Path(cfg.data_root).expanduser()
-    qf, pf = resolve(root, cfg.query_file), resolve(root, cfg.pool_file)
-    for p in (qf, pf):
-        if not p.is_file():
-            raise ConfigError(f"input file not found: {p}")
-    return root, qf, pf, Path(cfg.output_dir).expanduser()
+    out = Path(cfg.output_dir).expanduser()
+    try:  # no union train files: the per-task train files and the union of the local pools
+        qf, pf = single_train_inputs(
+            root, resolve(root, cfg.query_file), resolve(root, cfg.pool_file), out / "inputs"
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return root, qf, pf, out
 
 
 def scan_offsets(path: Path, wanted: set[str], id_key: str = "did") -> dict[str, tuple[int, int]]:

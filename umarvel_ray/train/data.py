@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,33 @@ class _Pool:
         return candidate_item({"txt": self._txt[i].as_py(), "img_path": self._img[i].as_py()})
 
 
+def read_query_files(paths: Path | Sequence[Path], upsample_min: int = 0) -> list[dict[str, Any]]:
+    """Query rows of one or several train files, in file order; a qid in two files raises.
+
+    `upsample_min` > 0 repeats each file's rows `data.tasks.upsample_factors` times (the copies
+    carry `copy` = 1, 2, ... so that each draws its own positive and instruction).
+    """
+    from umarvel_ray.data.mbeir import MBEIRFormatError, read_queries
+    from umarvel_ray.data.tasks import upsample_factors
+
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    rows_by_file = {f: read_queries(f, validate=True).to_pylist() for f in files}
+    seen: dict[str, Path] = {}
+    for f, rows in rows_by_file.items():
+        for r in rows:
+            if r["qid"] in seen:
+                raise MBEIRFormatError(f, r["line"], "qid", f"id {r['qid']!r} is also in {seen[r['qid']]}")
+            seen[r["qid"]] = f
+    factors = upsample_factors({str(f): len(r) for f, r in rows_by_file.items()}, upsample_min)
+    out: list[dict[str, Any]] = []
+    for f, rows in rows_by_file.items():
+        n = factors[str(f)]
+        if n > 1:
+            log.info("up-sampling %s: %d queries x %d", f, len(rows), n)
+        out += [dict(r, copy=c) for c in range(n) for r in rows]
+    return out
+
+
 class MBEIRTrain:
     """Stage 3/4: M-BEIR union train queries; a seeded positive + instruction per query per epoch.
 
@@ -139,20 +166,20 @@ class MBEIRTrain:
 
     def __init__(
         self,
-        queries_path: Path,
+        queries_path: Path | Sequence[Path],
         pool_path: Path,
         instructions_path: Path,
         seed: int,
         negatives_path: Path | None = None,
         num_negatives: int = 0,
         limit: int = 0,
+        upsample_min: int = 0,
     ) -> None:
-        from umarvel_ray.data.mbeir import read_instructions, read_queries
+        from umarvel_ray.data.mbeir import read_instructions
 
-        table = read_queries(queries_path, validate=True)
+        self.queries = read_query_files(queries_path, upsample_min)
         if limit:
-            table = table.slice(0, limit)
-        self.queries = table.to_pylist()
+            self.queries = self.queries[:limit]
         self.pool = _Pool(pool_path)
         self.instructions = read_instructions(instructions_path)
         self.seed, self.k = seed, num_negatives
@@ -182,7 +209,7 @@ class MBEIRTrain:
         from umarvel_ray.data.mbeir import query_item
 
         q = self.queries[index]
-        rng = _rng(self.seed, epoch, q["qid"])
+        rng = _rng(self.seed, epoch, q["qid"] + (f"#{q['copy']}" if q.get("copy") else ""))
         pos = rng.choice(q["pos_cand_list"])
         negs: list[str] = []
         if self.k:
@@ -202,16 +229,16 @@ class DistillTeacher:
     def __init__(
         self,
         teacher_path: Path,
-        queries_path: Path,
+        queries_path: Path | Sequence[Path],
         pool_path: Path,
         instructions_path: Path,
         seed: int,
         num_candidates: int,
         limit: int = 0,
     ) -> None:
-        from umarvel_ray.data.mbeir import read_instructions, read_queries
+        from umarvel_ray.data.mbeir import read_instructions
 
-        queries = {q["qid"]: q for q in read_queries(queries_path, validate=True).to_pylist()}
+        queries = {q["qid"]: q for q in read_query_files(queries_path)}
         self.rows = []
         for n, r in enumerate(_read_jsonl(teacher_path, limit), 1):
             qid = str(r.get("qid"))
@@ -248,6 +275,23 @@ class DistillTeacher:
         }
 
 
+def mbeir_train_inputs(cfg: Any) -> tuple[list[Path], Path]:
+    """Train query files and pool of a stage 3-5 (or reranker) config: `train_file` / `pool_file`
+    when they exist, else the per-task train files and the union of the local pools
+    (`data.tasks.resolve_train_inputs`; the merged pool is cached under the stage directory)."""
+    from umarvel_ray.data.tasks import resolve_train_inputs
+
+    queries, pool, _ = resolve_train_inputs(
+        cfg.data_root or ".", cfg.data_path(cfg.train_file), cfg.data_path(cfg.pool_file), cfg.stage_dir / "inputs"
+    )
+    if getattr(cfg, "upsample_min", 0) and queries == [cfg.data_path(cfg.train_file)]:
+        raise ValueError(
+            f"upsample_min applies to per-task train files; {queries[0]} is a union file (M-BEIR's is "
+            "already up-sampled): set upsample_min=0"
+        )
+    return queries, pool
+
+
 def build_source(cfg: TrainConfig) -> NLIPairs | CaptionPairs | MBEIRTrain | DistillTeacher:
     """The stage's example source from its config."""
     limit = cfg.max_examples
@@ -257,15 +301,17 @@ def build_source(cfg: TrainConfig) -> NLIPairs | CaptionPairs | MBEIRTrain | Dis
         if cfg.num_negatives:
             raise ValueError("caption pairs have no hard negatives: set num_negatives=0")
         return CaptionPairs(cfg.data_path(cfg.train_file), limit)
-    common = (
-        cfg.data_path(cfg.train_file),
-        cfg.data_path(cfg.pool_file),
-        cfg.data_path(cfg.instructions_file),
-    )
+    queries, pool = mbeir_train_inputs(cfg)
+    common = (queries, pool, cfg.data_path(cfg.instructions_file))
     if cfg.data_kind == "mbeir":
         negs = cfg.data_path(cfg.negatives_file) if cfg.negatives_file else None
         return MBEIRTrain(
-            *common, seed=cfg.seed, negatives_path=negs, num_negatives=cfg.num_negatives, limit=limit
+            *common,
+            seed=cfg.seed,
+            negatives_path=negs,
+            num_negatives=cfg.num_negatives,
+            limit=limit,
+            upsample_min=cfg.upsample_min,
         )
     if not cfg.teacher_file:
         raise ValueError("distillation needs teacher_file ({qid, candidates, scores} jsonl)")

@@ -32,7 +32,7 @@ from torch import nn
 from umarvel_ray.config import ConfigError, deep_update, from_dict, option, require_absolute, to_dict
 from umarvel_ray.model.losses import stable_id
 from umarvel_ray.progress import quiet_known_noise
-from umarvel_ray.train.data import MBEIRTrain, ShardPlan
+from umarvel_ray.train.data import MBEIRTrain, ShardPlan, mbeir_train_inputs
 from umarvel_ray.train.loop import (
     STEPS_FILE,
     _StepLog,
@@ -154,9 +154,10 @@ class RerankPairs:
         if not neg.is_file():
             raise FileNotFoundError(f"mined negatives not found: {neg} (run jobs/mine_negatives.py first)")
         self.k = cfg.negatives_per_positive
+        queries, pool = mbeir_train_inputs(cfg)  # per-task files when there is no union file
         self.queries = MBEIRTrain(
-            cfg.data_path(cfg.train_file),
-            cfg.data_path(cfg.pool_file),
+            queries,
+            pool,
             cfg.data_path(cfg.instructions_file),
             cfg.seed,
             negatives_path=neg,

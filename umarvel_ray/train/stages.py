@@ -49,6 +49,10 @@ class TrainConfig:
     )
     num_candidates: int = option(50, "candidates per query for distillation (shorter lists are masked)")
     max_examples: int = option(0, "use only the first N examples (0 = all); for quick runs")
+    upsample_min: int = option(
+        0, "without a union train file: repeat each task's train queries ceil(N/rows) times "
+        "(data.tasks.upsample_factors; 0 = off)"
+    )
     loader_workers: int = option(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
     # --- objective
     objective: str = option("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")

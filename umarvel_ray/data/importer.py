@@ -1,0 +1,448 @@
+"""Build an M-BEIR-layout directory from what users have: images + captions.
+
+Sources (`ImportConfig.format`):
+* `table`: a captions table (csv, jsonl or parquet) with an image path column and a caption
+  column, optional split and item id columns; image paths resolve under `images`.
+* `coco`: a COCO-style caption json ({"images": [{id, file_name}], "annotations": [{image_id,
+  caption}]}); file names resolve under `images`.
+* `hf`: a Hugging Face `datasets` dataset saved with `save_to_disk` (an image column and a text
+  column holding a string or a list of strings); only when `datasets` is installed.
+
+What is written (RECIPE.md section 2 formats, dataset id `dataset_id`, name `name`):
+task 0 text->image (each distinct caption is a query; every image of every item with that caption
+is a positive, so a caption shared by two items has several positives), task 3 image->text (each
+image; its captions are the positives), and task 4 image->image where an item has several images
+(each image; the item's other images are positives). Items go to train or test by the split
+column, else by a seeded hash of the item id (`test_fraction`), so an item never has images on
+both sides. Per split and task: query jsonl and qrels; test pools are the task's local pools
+(`cand_pool/local/mbeir_<name>_task<N>_cand_pool.jsonl`), train pools sit beside them as
+`..._train_cand_pool.jsonl`; no union files (the jobs build unions from these, `data.tasks`).
+Images are copied under `mbeir_images/<name>/`, and `instructions/query_instructions.tsv` gets
+one editable row per task.
+
+Rows: every input row is either written or rejected with its FILE:LINE and reason (missing or
+undecodable image, empty caption, unknown split); `rows_in = rows_out + rows_rejected` is
+reported. `missing_images=error` stops at the first bad image instead. The output is then checked
+by `validate.validate_dir(check_images=True)`: a directory this writes always validates.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from umarvel_ray.config import ConfigError, option, require_absolute
+from umarvel_ray.data import jsonl, mbeir
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "table", "coco", "hf")
+SPLITS = ("train", "test")
+REPORT_FILE = "import_report.json"
+IMAGE_DIR = "mbeir_images"
+DEFAULT_PROMPTS = {
+    0: ("Find an image that matches the given caption.", "Retrieve the image described by this text."),
+    3: ("Find a caption that describes the given image.", "Retrieve the text that describes this image."),
+    4: ("Find another image of the same item as the given image.", "Retrieve a matching image of this item."),
+}
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+@dataclass
+class ImportConfig:
+    """`jobs/import_data.py` settings."""
+
+    out_dir: str = option("", "the M-BEIR-layout directory to write (must be empty or absent)", path="cwd")
+    source: str = option("", "captions table (.csv/.jsonl/.parquet), COCO caption json, or a saved HF dataset dir", path="cwd")
+    images: str = option("", "folder the table's / COCO json's image paths are relative to", path="cwd")
+    format: str = option("auto", "auto (by file suffix / directory) | table | coco | hf")
+    name: str = option("mydata", "dataset name in the file names (lower-case letters, digits, _ and -)")
+    dataset_id: int = option(20, "dataset id in every qid/did (M-BEIR uses 0-9; pick 10 or more)")
+    image_column: str = option("image", "table / HF column holding the image (path; HF: image)")
+    caption_column: str = option("caption", "table / HF column holding the caption (HF: str or list)")
+    split_column: str = option("split", "optional column with train/test; absent = hashed split by item")
+    id_column: str = option("id", "optional column naming the item (several images of one item)")
+    test_fraction: float = option(0.2, "share of items in test when there is no split column")
+    seed: int = option(0, "seed of the hashed split")
+    tasks: list[int] = option([0, 3, 4], "task ids to write: 0 text->image, 3 image->text, 4 image->image")
+    missing_images: str = option("skip", "skip (reject the row, counted with FILE:LINE) | error (stop)")
+    overwrite: bool = option(False, "replace an existing non-empty out_dir")
+
+
+@dataclass
+class Row:
+    """One input record, normalised: where it came from, its item, image and caption."""
+
+    where: str  # FILE:LINE (or FILE:row N)
+    item: str
+    image: Path | bytes | None  # bytes: an image held in the dataset itself (HF)
+    image_key: str
+    caption: str | None
+    split: str | None
+
+
+@dataclass
+class ImportResult:
+    """Counts of the import and where it went (the json report)."""
+
+    out_dir: Path
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: list[str] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def rows_rejected(self) -> int:
+        return len(self.rejected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+
+
+def _cell(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _table_rows(cfg: ImportConfig, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for rec in reader:
+                yield f"{path}:{reader.line_num}", rec
+    elif suffix in (".jsonl", ".json"):
+        for n, obj, err in jsonl.iter_jsonl(path):
+            if err is not None or not isinstance(obj, dict):
+                raise mbeir.MBEIRFormatError(path, n, "<json>", err or "expected a json object")
+            yield f"{path}:{n}", obj
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path}:row {i}", rec
+    else:
+        raise ConfigError(f"captions table must be .csv, .tsv, .jsonl or .parquet, got {path}")
+
+
+def read_table(cfg: ImportConfig, path: Path, images: Path) -> Iterator[Row]:
+    """Rows of a captions table; columns by the config's names (image and caption required)."""
+    first = True
+    for where, rec in _table_rows(cfg, path):
+        if first:
+            missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in rec]
+            if missing:
+                raise ConfigError(f"{where}: columns {missing} not in the table (has {sorted(rec)})")
+            first = False
+        img = _cell(rec.get(cfg.image_column))
+        item = _cell(rec.get(cfg.id_column)) or img or where
+        p = None if img is None else (Path(img) if Path(img).is_absolute() else images / img)
+        yield Row(where, item, p, img or "", _cell(rec.get(cfg.caption_column)), _cell(rec.get(cfg.split_column)))
+
+
+def read_coco(cfg: ImportConfig, path: Path, images: Path) -> Iterator[Row]:
+    """One row per COCO caption annotation; the image id is the item."""
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ConfigError(f"{path}: not a COCO caption file (needs 'images' and 'annotations')")
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}:annotations[{i}]"
+        fname = files.get(ann.get("image_id"))
+        yield Row(
+            where,
+            str(ann.get("image_id")),
+            None if fname is None else images / fname,
+            fname or "",
+            _cell(ann.get("caption")),
+            _cell(ann.get("split")),
+        )
+
+
+def read_hf(cfg: ImportConfig, path: Path) -> Iterator[Row]:
+    """Rows of a `datasets` dataset saved to disk; a DatasetDict's split names become splits."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "format=hf needs the `datasets` package (pip install datasets); or export the dataset to a "
+            "captions table (csv/jsonl/parquet) with an image folder and use format=table"
+        ) from None
+    ds = datasets.load_from_disk(str(path))
+    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    for split, d in parts:
+        for i, rec in enumerate(d):
+            where = f"{path}:{split or 'data'}[{i}]"
+            caps = rec.get(cfg.caption_column)
+            img = rec.get(cfg.image_column)
+            data = None
+            if img is not None and hasattr(img, "save"):
+                import io
+
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                data = buf.getvalue()
+            elif isinstance(img, dict) and img.get("bytes"):
+                data = img["bytes"]
+            item = _cell(rec.get(cfg.id_column)) or f"{split}:{i}"
+            split_v = _cell(rec.get(cfg.split_column)) or (split if split in SPLITS else None)
+            for c in caps if isinstance(caps, list) else [caps]:
+                yield Row(where, item, data, f"{split}:{i}", _cell(c), split_v)
+
+
+def _format(cfg: ImportConfig, src: Path) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if src.is_dir():
+        return "hf"
+    if src.suffix.lower() == ".json":
+        try:
+            head = json.loads(src.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "table"
+        return "coco" if isinstance(head, dict) and "annotations" in head else "table"
+    return "table"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the layout
+# ----------------------------------------------------------------------------------------------
+
+
+def hashed_split(item: str, seed: int, test_fraction: float) -> str:
+    """train/test of an item from sha1(seed, item): stable across runs, machines and row order."""
+    h = int.from_bytes(hashlib.sha1(f"{seed}\x1f{item}".encode()).digest()[:8], "big") / 2**64
+    return "test" if h < test_fraction else "train"
+
+
+def _check_image(row: Row) -> str | None:
+    """Why the row's image cannot be used (the embedding pipeline's decoder decides), or None."""
+    from umarvel_ray.data.images import ImageDecodeError, decode_image, load_image
+
+    try:
+        if isinstance(row.image, bytes):
+            decode_image(row.image)
+        elif row.image is None:
+            return "no image"
+        else:
+            load_image(row.image.parent, row.image.name)
+    except ImageDecodeError as e:
+        return e.reason
+    return None
+
+
+def check_config(cfg: ImportConfig) -> None:
+    """Reject a config that cannot work before anything is read or written."""
+    for k in ("out_dir", "source"):
+        if not getattr(cfg, k):
+            raise ConfigError(f"{k} is required (set {k}=...)")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    if not _NAME_RE.fullmatch(cfg.name) or cfg.name == "union":
+        raise ConfigError(f"name must be lower-case letters, digits, _ or - (not 'union'), got {cfg.name!r}")
+    if cfg.name in {t.dataset.lower() for t in mbeir.MBEIR_TASKS}:
+        raise ConfigError(f"name {cfg.name!r} is an M-BEIR dataset; pick another")
+    if not 0 <= cfg.dataset_id < 2**31 or not 0.0 < cfg.test_fraction < 1.0:
+        raise ConfigError("dataset_id must be >= 0 and test_fraction in (0, 1)")
+    bad = [t for t in cfg.tasks if t not in DEFAULT_PROMPTS]
+    if bad or not cfg.tasks:
+        raise ConfigError(f"tasks must be a non-empty subset of {sorted(DEFAULT_PROMPTS)}, got {cfg.tasks}")
+    if cfg.missing_images not in ("skip", "error"):
+        raise ConfigError(f"missing_images must be skip or error, got {cfg.missing_images!r}")
+    out = Path(cfg.out_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"out_dir {out} is not empty (set overwrite=true to replace it)")
+
+
+@dataclass
+class _Split:
+    images: dict[str, str] = field(default_factory=dict)  # image key -> did
+    image_item: dict[str, str] = field(default_factory=dict)  # image did -> item
+    image_caps: dict[str, list[str]] = field(default_factory=dict)  # image did -> caption dids
+    caption_images: dict[str, list[str]] = field(default_factory=dict)  # caption did -> image dids
+
+
+def run_import(cfg: ImportConfig) -> ImportResult:
+    """Read the source, write the layout, validate it; returns the counts (also in import_report.json)."""
+    require_absolute(cfg)
+    check_config(cfg)
+    src, out = Path(cfg.source), Path(cfg.out_dir)
+    images = Path(cfg.images) if cfg.images else src.parent
+    if not src.exists():
+        raise ConfigError(f"source not found: {src}")
+    fmt = _format(cfg, src)
+    rows = read_hf(cfg, src) if fmt == "hf" else read_coco(cfg, src, images) if fmt == "coco" else read_table(cfg, src, images)
+    if out.exists() and cfg.overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = ImportResult(out)
+    ds = cfg.dataset_id
+    next_id = iter(range(mbeir.DID_STRIDE))
+    records: dict[str, dict[str, Any]] = {}  # did -> pool record
+    caption_did: dict[tuple[str, str], str] = {}  # (split, normalised caption) -> did
+    item_split: dict[str, str] = {}
+    image_bad: dict[str, str] = {}
+    splits = {s: _Split() for s in SPLITS}
+    img_dir = out / IMAGE_DIR / cfg.name
+    for row in rows:
+        res.rows_in += 1
+        split = row.split or item_split.get(row.item) or hashed_split(row.item, cfg.seed, cfg.test_fraction)
+        why = None
+        if split not in SPLITS:
+            why = f"split {row.split!r} is not one of {SPLITS}"
+        elif item_split.setdefault(row.item, split) != split:
+            why = f"item {row.item!r} is in {item_split[row.item]} and {split}: one item, one split"
+        elif not row.caption:
+            why = "empty caption"
+        elif row.image_key in image_bad:
+            why = image_bad[row.image_key]
+        elif row.image_key not in splits[split].images:
+            why = _check_image(row)
+            if why is not None:
+                image_bad[row.image_key] = why
+        if why is not None:
+            if cfg.missing_images == "error" and row.image_key in image_bad:
+                raise mbeir.MBEIRFormatError(row.where.rsplit(":", 1)[0], _line(row.where), cfg.image_column, why)
+            res.rejected.append(f"{row.where}: {why}")
+            continue
+        sp = splits[split]
+        img_did = sp.images.get(row.image_key)
+        if img_did is None:
+            img_did = f"{ds}:{next(next_id)}"
+            suffix = Path(row.image_key).suffix.lower() if not isinstance(row.image, bytes) else ".png"
+            rel = f"{IMAGE_DIR}/{cfg.name}/{img_did.split(':')[1].zfill(7)}{suffix or '.img'}"
+            img_dir.mkdir(parents=True, exist_ok=True)
+            if isinstance(row.image, bytes):
+                (out / rel).write_bytes(row.image)
+            else:
+                shutil.copyfile(row.image, out / rel)  # type: ignore[arg-type]
+            sp.images[row.image_key] = img_did
+            sp.image_item[img_did] = row.item
+            records[img_did] = {"did": img_did, "txt": None, "img_path": rel, "modality": "image", "src_content": None}
+        key = (split, " ".join(row.caption.split()))
+        cap_did = caption_did.get(key)
+        if cap_did is None:
+            cap_did = caption_did[key] = f"{ds}:{next(next_id)}"
+            records[cap_did] = {"did": cap_did, "txt": row.caption, "img_path": None, "modality": "text", "src_content": None}
+        if cap_did not in sp.image_caps.setdefault(img_did, []):
+            sp.image_caps[img_did].append(cap_did)
+        if img_did not in sp.caption_images.setdefault(cap_did, []):
+            sp.caption_images[cap_did].append(img_did)
+        res.rows_out += 1
+    if res.rows_out == 0:
+        raise ConfigError(f"no usable rows in {src} ({res.rows_in} read, all rejected): " + "; ".join(res.rejected[:5]))
+    _write_layout(cfg, out, splits, records, res)
+    _finish(cfg, out, res)
+    return res
+
+
+def _line(where: str) -> int:
+    tail = where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _write_layout(
+    cfg: ImportConfig, out: Path, splits: dict[str, _Split], records: dict[str, dict[str, Any]], res: ImportResult
+) -> None:
+    from umarvel_ray.data.tasks import task_paths
+
+    ds, qn = cfg.dataset_id, iter(range(mbeir.QID_STRIDE))
+    written_tasks: list[int] = []
+    for split, sp in splits.items():
+        by_item: dict[str, list[str]] = {}
+        for img, item in sp.image_item.items():
+            by_item.setdefault(item, []).append(img)
+        built: dict[int, tuple[list[dict[str, Any]], list[str]]] = {}
+        if 0 in cfg.tasks:
+            qs = [
+                _query(ds, next(qn), records[c]["txt"], None, "text", imgs, 0)
+                for c, imgs in sp.caption_images.items()
+            ]
+            built[0] = (qs, list(sp.image_item))
+        if 3 in cfg.tasks:
+            qs = [
+                _query(ds, next(qn), None, records[i]["img_path"], "image", caps, 3)
+                for i, caps in sp.image_caps.items()
+            ]
+            built[3] = (qs, list(sp.caption_images))
+        if 4 in cfg.tasks:
+            qs = [
+                _query(ds, next(qn), None, records[i]["img_path"], "image", [o for o in imgs if o != i], 4)
+                for imgs in by_item.values()
+                if len(imgs) > 1
+                for i in imgs
+            ]
+            if qs:
+                built[4] = (qs, list(sp.image_item))
+        counts = {}
+        for t, (qs, pool) in built.items():
+            if not qs:
+                continue
+            qf, pf, rf = task_paths(cfg.name, t, split)
+            res.files[qf] = mbeir.write_queries(out / qf, qs)
+            res.files[pf] = mbeir.write_pool(out / pf, [records[d] for d in pool])
+            res.files[rf] = mbeir.write_qrels(out / rf, mbeir.qrels_from_queries(qs))
+            counts[f"task{t}"] = len(qs)
+            if t not in written_tasks:
+                written_tasks.append(t)
+        res.splits[split] = counts
+    rows = [
+        mbeir.InstructionRow(*mbeir.task_modalities(t), cfg.name, ds, DEFAULT_PROMPTS[t]) for t in sorted(written_tasks)
+    ]
+    res.files[mbeir.INSTRUCTIONS_FILE] = mbeir.write_instructions(out / mbeir.INSTRUCTIONS_FILE, rows)
+
+
+def _query(ds: int, n: int, txt: str | None, img: str | None, modality: str, pos: list[str], task: int) -> dict[str, Any]:
+    return {
+        "qid": f"{ds}:{n}",
+        "query_txt": txt,
+        "query_img_path": img,
+        "query_modality": modality,
+        "query_src_content": None,
+        "pos_cand_list": list(pos),
+        "neg_cand_list": [],
+        "task_id": task,
+    }
+
+
+def _finish(cfg: ImportConfig, out: Path, res: ImportResult) -> None:
+    """Validate the written directory and write import_report.json; a validation error raises."""
+    from umarvel_ray.data.validate import validate_dir
+
+    report = validate_dir(out, check_images=True)
+    (out / REPORT_FILE).write_text(
+        json.dumps(
+            {
+                "source": cfg.source,
+                "rows_in": res.rows_in,
+                "rows_out": res.rows_out,
+                "rows_rejected": res.rows_rejected,
+                "rejected": res.rejected,
+                "queries": res.splits,
+                "files": res.files,
+                "validation_errors": report.errors,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    if not report.ok:
+        raise RuntimeError(f"the imported directory does not validate:\n{report.format(max_errors=20)}")
+
+
+__all__ = ["ImportConfig", "ImportResult", "hashed_split", "read_coco", "read_hf", "read_table", "run_import"]
