@@ -8,7 +8,6 @@ import concurrent.futures as cf
 
 import numpy as np
 import pytest
-
 from serve_fixtures import build_pool, png_b64, serve_app, small_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -302,3 +301,29 @@ def test_burst_of_bad_requests_leaves_app_healthy(base, setup):
         assert r.status_code == 200
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], emb.encode_queries([{"text": text}])[0], atol=1e-4)
     assert _post(base, "/v1/search", {"query": {"text": "x"}, "k": 2}).status_code == 200
+
+
+def test_openai_client(base, setup):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    texts = ["a purple triangle", "two striped circles"]
+    want = setup["embedder"].encode_queries([{"text": t} for t in texts])
+    default = client.embeddings.create(model="umarvel", input=texts)  # the client asks for base64
+    as_float = client.embeddings.create(model="umarvel", input=texts, encoding_format="float")
+    for resp in (default, as_float):
+        np.testing.assert_allclose(np.array([d.embedding for d in resp.data]), want, atol=1e-4)
+        assert resp.usage.prompt_tokens > 0
+    with pytest.raises(openai.UnprocessableEntityError, match="dimensions"):
+        client.embeddings.create(model="umarvel", input="x", dimensions=8)
+
+
+def test_cohere_client(base, reranker):
+    cohere = pytest.importorskip("cohere")
+    docs = ["A purple triangle.", "Two small circles.", "A green square on the right."]
+    query = "Is there a triangle?"
+    want = reranker.score([({"text": query}, {"text": d}) for d in docs])
+    order = sorted(range(len(docs)), key=lambda i: (-want[i], i))
+    for client in (cohere.ClientV2(api_key="unused", base_url=base), cohere.Client(api_key="unused", base_url=base)):
+        resp = client.rerank(model="umarvel", query=query, documents=docs, top_n=2)
+        assert [r.index for r in resp.results] == order[:2]
+        np.testing.assert_allclose([r.relevance_score for r in resp.results], [want[i] for i in order[:2]], atol=1e-4)
