@@ -49,7 +49,12 @@ def build_pool(out: Path, model_dir: Path, data_root: Path) -> dict[str, Any]:
     write_shard(emb_dir / shard_name(0), ids, [r["modality"] for r in rows], vecs)
     write_manifest(
         emb_dir,
-        {"input": str(pool), "data_root": str(data_root), "text_rule": "uniir", "dim": int(vecs.shape[1])},
+        {  # the shape pipelines/embed.py writes: what the job ran with sits under "settings"
+            "input": str(pool),
+            "dim": int(vecs.shape[1]),
+            "settings": {"input": str(pool), "data_root": str(data_root), "text_rule": "uniir"},
+            "complete": True,
+        },
     )
     index_dir = out / "index"
     index_dir.mkdir()

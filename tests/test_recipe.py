@@ -94,3 +94,32 @@ def test_teacher_uses_the_trained_reranker_and_refuses_a_missing_one(tmp_path):
     teacher = recipe.teacher_config()
     assert teacher.reranker == str(tmp_path / "reranker" / "model")
     assert teacher.output_dir == str(tmp_path / "teacher")
+
+
+def test_the_final_line_names_the_serve_command_for_the_trained_model(tmp_path):
+    cfg = load_config(RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}"])
+    recipe = Recipe(cfg)
+    assert recipe.serve_command() is None  # nothing evaluated yet
+    for d in ("stage1", "stage2", "stage3", "stage4", "stage5", "reranker"):
+        (tmp_path / d / "model").mkdir(parents=True)
+        (tmp_path / d / "model" / "config.json").write_text("{}")
+    (tmp_path / "eval/final/index").mkdir(parents=True)
+    (tmp_path / "eval/final/index/global.meta.json").write_text("{}")
+    (tmp_path / "eval/final/embeddings/pool-global").mkdir(parents=True)
+    (tmp_path / "eval/final/embeddings/pool-global/manifest.json").write_text("{}")
+    assert recipe.serve_command() == (
+        f"serve run umarvel_ray.serve.app:build_app model_dir={tmp_path}/stage5/model "
+        f"index_dir={tmp_path}/eval/final/index/global "
+        f"embeddings_dir={tmp_path}/eval/final/embeddings/pool-global reranker_dir={tmp_path}/reranker/model"
+    )
+
+
+def test_a_chain_without_pretraining_pairs_stops_before_any_work(tmp_path):
+    data = tmp_path / "data"
+    (data / "query").mkdir(parents=True)  # a user's directory: no pretrain/ folder
+    cfg = load_config(
+        RecipeConfig, REPO / "jobs/configs/toy.yaml", [f"run_dir={tmp_path}/run", f"data_root={data}"]
+    )
+    with pytest.raises(ConfigError, match=r"stage1 \(nli pairs\) needs .*pretrain/nli_pairs.jsonl"):
+        Recipe(cfg).run()
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from serve_fixtures import build_pool, png_b64, serve_app, small_args
 
+from umarvel_ray.data.mbeir import normalize_text
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 requests = pytest.importorskip("requests")
 
@@ -85,7 +87,7 @@ def test_embed_equals_library(base, setup):
 def test_openai_embeddings_shape(base, setup):
     emb = setup["embedder"]
     texts = ["first sentence", "second one"]
-    want = emb.encode_queries([{"text": t} for t in texts])
+    want = emb.encode_queries([{"text": normalize_text(t)} for t in texts])
     r = _post(base, "/v1/embeddings", {"input": texts, "model": "umarvel"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -164,7 +166,7 @@ def test_rerank_order_equals_library(base, setup, reranker):
 def _data_root(setup):
     import json
 
-    return json.loads((setup["embeddings_dir"] / "manifest.json").read_text())["data_root"]
+    return json.loads((setup["embeddings_dir"] / "manifest.json").read_text())["settings"]["data_root"]
 
 
 def test_search_rerank_fusion(base, setup, reranker):
@@ -299,7 +301,7 @@ def test_burst_of_bad_requests_leaves_app_healthy(base, setup):
     for text in ("still alive", "another query"):
         r = _post(base, "/v1/embed", {"items": [{"text": text}]})
         assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["data"][0]["embedding"], emb.encode_queries([{"text": text}])[0], atol=1e-4)
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], emb.encode_queries([{"text": normalize_text(text)}])[0], atol=1e-4)
     assert _post(base, "/v1/search", {"query": {"text": "x"}, "k": 2}).status_code == 200
 
 
@@ -307,7 +309,7 @@ def test_openai_client(base, setup):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     texts = ["a purple triangle", "two striped circles"]
-    want = setup["embedder"].encode_queries([{"text": t} for t in texts])
+    want = setup["embedder"].encode_queries([{"text": normalize_text(t)} for t in texts])
     default = client.embeddings.create(model="umarvel", input=texts)  # the client asks for base64
     as_float = client.embeddings.create(model="umarvel", input=texts, encoding_format="float")
     for resp in (default, as_float):

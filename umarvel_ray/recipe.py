@@ -242,7 +242,32 @@ class Recipe:
         )
 
     # ------------------------------------------------------------------ driver
+    def check_inputs(self) -> None:
+        """Refuse, before any work, a chain whose training data is missing (say stage 1 on a data
+        directory without `pretrain/`); data the `data` step is about to generate is not checked."""
+        if "data" in self.cfg.steps and not (self.data_root / "query").is_dir():
+            return
+        from umarvel_ray.train.inputs import check_stage_inputs
+
+        job = self.train_job()
+        for stage in self.cfg.train.stages:
+            if stage in self.cfg.steps:
+                check_stage_inputs(stage_config(job, stage))
+
+    def serve_command(self) -> str | None:
+        """The `serve run` command that serves the chain's final model over the evaluation's
+        global index (None until eval_final has built it)."""
+        index = self.run_dir / "eval" / "final" / "index" / "global"
+        embeddings = self.run_dir / "eval" / "final" / "embeddings" / "pool-global"
+        if not (index.with_name("global.meta.json").is_file() and (embeddings / "manifest.json").is_file()):
+            return None
+        args = [f"model_dir={self.latest_model()}", f"index_dir={index}", f"embeddings_dir={embeddings}"]
+        if "reranker" in self.cfg.steps and (self.reranker_dir / "config.json").is_file():
+            args.append(f"reranker_dir={self.reranker_dir}")
+        return "serve run umarvel_ray.serve.app:build_app " + " ".join(args)
+
     def run(self) -> dict[str, Any]:
+        self.check_inputs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir, "pipeline_config.yaml")
         for step in self.cfg.steps:
@@ -265,6 +290,10 @@ class Recipe:
         table = "\n".join(lines)
         (self.run_dir / "pipeline_summary.md").write_text(table + "\n")
         print(table)
+        command = self.serve_command()
+        if command:
+            result["serve_command"] = command
+            print(f"Serve this model: {command}", flush=True)
         summary(
             "pipeline",
             steps=len(self.timings),

@@ -29,6 +29,7 @@ try:
 except ImportError as e:  # pragma: no cover - ray[serve] brings fastapi
     raise ImportError("serving needs Ray Serve with FastAPI: pip install 'ray[serve]==2.60.0'") from e
 
+from umarvel_ray.data.mbeir import apply_text_rule
 from umarvel_ray.serve import schemas
 from umarvel_ray.serve.config import Limits
 from umarvel_ray.serve.decode import check_text, model_item
@@ -117,6 +118,7 @@ class Retriever:
         from pathlib import Path
 
         self.records = RecordStore(Path(sources["pool"]), Path(sources["data_root"]), sources["text_rule"])
+        self.text_rule = sources["text_rule"]
         missing = [i for i in self.index.ids[:1000] if i not in self.records]
         if missing:
             raise ValueError(f"index ids missing from the pool {sources['pool']}: {missing[:5]}")
@@ -156,8 +158,18 @@ class Retriever:
             raise ApiError(503, f"overloaded, retry later ({type(e).__name__})", None, "overloaded") from None
 
     async def _embed(self, items: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
-        """One handle call per item, so Serve batches them with other callers' items."""
+        """One handle call per item, so Serve batches them with other callers' items. Texts go
+        through the text rule the pool was embedded with, as training and evaluation saw them."""
+        items = [self._apply_text_rule(it, i) for i, it in enumerate(items)]
         return list(await asyncio.gather(*(self._call(self.embedder.embed, (role, it)) for it in items)))
+
+    def _apply_text_rule(self, item: dict[str, Any], i: int) -> dict[str, Any]:
+        if item.get("text") is None:
+            return item
+        text = apply_text_rule(item["text"], self.text_rule)
+        if text is None and item.get("image") is None:
+            raise ApiError(422, f"item {i}: text is empty under the '{self.text_rule}' text rule", "text")
+        return {**item, "text": text}
 
     async def _score(self, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[float]:
         if self.reranker is None:

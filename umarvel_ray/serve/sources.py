@@ -74,11 +74,12 @@ def resolve_sources(cfg: ServeConfig) -> Sources:
         if not mf.is_file():
             raise ConfigError(f"embeddings_dir={cfg.embeddings_dir}: manifest.json missing (embedding job unfinished?)")
         manifest = json.loads(mf.read_text())
+    settings = manifest.get("settings", {})  # what the embedding job ran with (pipelines/embed.py)
     pool = cfg.pool or manifest.get("input", "")
-    data_root = cfg.data_root or manifest.get("data_root", "")
+    data_root = cfg.data_root or settings.get("data_root", "")
     if cfg.pool and not Path(pool).is_absolute() and data_root:
         pool = str(Path(data_root) / pool)
-    text_rule = cfg.text_rule or manifest.get("text_rule") or "uniir"
+    text_rule = cfg.text_rule or settings.get("text_rule") or "uniir"
     if not pool or not Path(pool).is_file():
         raise ConfigError(f"pool jsonl not found ({pool!r}): set pool=... or embeddings_dir=...")
     if not data_root or not Path(data_root).is_dir():
