@@ -357,7 +357,11 @@ def plan_indexes(cfg: EvalConfig, sizes: Mapping[str, int], dim: int) -> dict[st
         if why:
             log.warning("index %s (%d candidates): %s", pool, n, why)
         else:
-            log.info("index %s (%d candidates): %s", pool, n, factory)
+            log.debug("index %s (%d candidates): %s", pool, n, factory)
+    for factory in sorted(set(chosen.values())):
+        n_pools = sum(f == factory for f in chosen.values())
+        sizes_of = [sizes[p] for p, f in chosen.items() if f == factory]
+        log.info("index plan: %s for %d pool(s) of %d..%d candidates", factory, n_pools, min(sizes_of), max(sizes_of))
     for factory in sorted(set(chosen.values())):
         pools = [f"{p} ({sizes[p]} candidates)" for p, f in chosen.items() if f == factory]
         nprobe = cfg.nprobe if factory == cfg.index_factory else None
@@ -821,7 +825,7 @@ def _search_and_score(
         p = run_path(plan.out_dir, t.name, pool)
         info["run_lines"] = write_trec_run(p, run, f"{cfg.run_id}-{pool}")
         info["run_file"] = str(p)
-    log.info(
+    log.debug(  # the job prints the whole table (mbeir.md) at the end
         "%s %s: R@%d=%.4f over %d queries (pool %d)",
         t.name,
         pool,
