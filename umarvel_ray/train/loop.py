@@ -205,9 +205,12 @@ class TrainModule(nn.Module):
             embedder.log_tau = nn.Parameter(lt.detach().reshape(1).clone(), requires_grad=lt.requires_grad)
         self.embedder = embedder
         if zero_stage == 3:
-            from deepspeed.zero import register_external_parameter
+            # `deepspeed.zero` is an attribute of the package (deepspeed/__init__.py:
+            # `from .runtime import zero`), not an importable module, so `from deepspeed.zero
+            # import ...` fails; the documented `deepspeed.zero.register_external_parameter` works.
+            import deepspeed
 
-            register_external_parameter(self, embedder.log_tau)
+            deepspeed.zero.register_external_parameter(self, embedder.log_tau)
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embedder(batch), self.embedder.tau.reshape(())
@@ -215,6 +218,17 @@ class TrainModule(nn.Module):
     def restore_scalar_tau(self) -> None:
         lt = self.embedder.log_tau
         self.embedder.log_tau = nn.Parameter(lt.detach().float().reshape(()).clone(), requires_grad=False)
+
+
+def current_tau(embedder: Any, zero_stage: int) -> float:
+    """The temperature now; under ZeRO-3 log_tau is a partition outside forward, so every rank
+    gathers it (a collective: call on all ranks)."""
+    if zero_stage != 3:
+        return float(embedder.tau.detach().float().reshape(()))
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([embedder.log_tau]):
+        return float(embedder.tau.detach().float().reshape(()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +559,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.objective == "distill" and world > 1:  # local mean per rank -> global mean for logging
             dist.all_reduce(loss)
             loss /= world
-        tau = float(embedder.tau.detach().float()) if cfg.zero_stage != 3 else float("nan")
         steps_log.write(
             {
                 "step": g,
@@ -553,6 +566,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "batch": batch.step,
                 "indices": batch.indices,
                 "loss": float(loss),
+                "grad_norm": grad_norm,
                 "dropped": batch.dropped,
             }
         )
@@ -569,6 +583,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         metrics: dict[str, Any] = {}
         if g % cfg.log_every == 0 or g == total:
+            tau = current_tau(embedder, cfg.zero_stage)
             elapsed = max(time.time() - window_t, 1e-9)
             metrics = {
                 "step": g,
@@ -625,9 +640,9 @@ def save_merged(
 
     gather = contextlib.nullcontext()
     if cfg.zero_stage == 3:
-        from deepspeed.zero import GatheredParameters
+        import deepspeed
 
-        gather = GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     with gather:
         if rank == 0:
             out = cfg.model_dir
