@@ -518,6 +518,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_start = time.time()
 
     emb_cfg = _embedder_config(cfg, use_gpu)
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's init: same seed, same run (any ZeRO stage)
     embedder = Embedder.build(emb_cfg)
     module = TrainModule(embedder, cfg.zero_stage)
     source = build_source(cfg)

@@ -295,6 +295,7 @@ def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.time()
     rr_cfg = reranker_config(cfg, use_gpu)
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's init: same seed, same run (any ZeRO stage)
     reranker = Reranker.build(rr_cfg)
     module = JudgeModule(reranker)
     pairs = RerankPairs(cfg)
