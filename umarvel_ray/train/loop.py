@@ -524,7 +524,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source = build_source(cfg)
     plan = ShardPlan(len(source), world, rank, cfg.per_device_batch, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
-    ds_config = deepspeed_config(cfg, bf16=use_gpu and emb_cfg.dtype == "bfloat16")
+    ds_config = deepspeed_config(cfg, bf16=emb_cfg.dtype == "bfloat16")
     engine = init_engine(ds, module, ds_config, cfg, total)
     start = resume_step(engine, cfg, under_ray, world, rank, cfg.stage)
 
