@@ -24,6 +24,7 @@ from gloo_workers import EMBEDDER_LOOP, RERANKER_LOOP, check, run_workers
 from probes import embed, probe_items
 
 from umarvel_ray.model.embedder import EmbedderConfig
+from umarvel_ray.model.inputs import FORMATS, InputConfig
 from umarvel_ray.model.reranker import JUDGES
 from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
 from umarvel_ray.train.stages import OBJECTIVES, TrainConfig
@@ -40,6 +41,7 @@ OFFERED: dict[str, tuple] = {
     "instruction": ("masked", "pooled"),
     "dtype": ("float32", "bfloat16"),
     "family": ("qwen2_vl", "qwen2_5_vl"),
+    "input_format": FORMATS,
 }
 
 
@@ -53,6 +55,7 @@ class Cell:
     instruction: str
     dtype: str
     family: str
+    input_format: str
 
     @property
     def id(self) -> str:
@@ -66,16 +69,17 @@ class Cell:
                 f"instr_{self.instruction}",
                 self.dtype,
                 self.family,
+                self.input_format,
             ]
         )
 
 
 CELLS = [
-    Cell(0, "off", "infonce", "bidirectional", "mean", "masked", "float32", "qwen2_vl"),
-    Cell(1, "on", "symmetric", "causal", "last", "masked", "float32", "qwen2_5_vl"),
-    Cell(2, "on", "infonce", "bidirectional", "mean", "pooled", "bfloat16", "qwen2_vl"),
-    Cell(3, "on", "distill", "causal", "last", "pooled", "float32", "qwen2_5_vl"),
-    Cell(3, "off", "symmetric", "bidirectional", "mean", "masked", "bfloat16", "qwen2_vl"),
+    Cell(0, "off", "infonce", "bidirectional", "mean", "masked", "float32", "qwen2_vl", "umarvel"),
+    Cell(1, "on", "symmetric", "causal", "last", "masked", "float32", "qwen2_5_vl", "mmembed"),
+    Cell(2, "on", "infonce", "bidirectional", "mean", "pooled", "bfloat16", "qwen2_vl", "mmembed"),
+    Cell(3, "on", "distill", "causal", "last", "pooled", "float32", "qwen2_5_vl", "umarvel"),
+    Cell(3, "off", "symmetric", "bidirectional", "mean", "masked", "bfloat16", "qwen2_vl", "umarvel"),
 ]
 
 # The data each objective trains on in the recipe (stage 1 text pairs with a hard negative,
@@ -118,6 +122,8 @@ def test_matrix_covers_every_offered_value():
         EmbedderConfig(**{key: OFFERED[key][1]})
         with pytest.raises(ValueError, match=key):
             EmbedderConfig(**{key: "other"})
+    with pytest.raises(ValueError, match="format"):
+        InputConfig(format="other")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +179,7 @@ def test_cell_trains_and_merges(cell, tmp_path, tiny_model_dir, tiny25_model_dir
             "attention": cell.attention,
             "pooling": cell.pooling,
             "pool_instruction": cell.instruction == "pooled",
+            "inputs": {"format": cell.input_format},
         },
         lora_r=4,
         lora_alpha=8,
@@ -203,6 +210,7 @@ def test_cell_trains_and_merges(cell, tmp_path, tiny_model_dir, tiny25_model_dir
         cell.instruction == "pooled",
         cell.dtype,
     )
+    assert meta["inputs"]["format"] == cell.input_format
     assert json.loads((out / "config.json").read_text())["model_type"] == cell.family
     (shard,) = out.glob("*.safetensors")
     with safe_open(str(shard), "pt") as f:
@@ -210,7 +218,7 @@ def test_cell_trains_and_merges(cell, tmp_path, tiny_model_dir, tiny25_model_dir
     assert dtypes == {f"torch.{cell.dtype}"}
 
     items = probe_items(toy_mbeir_dir)
-    same = {k: meta[k] for k in ("attention", "pooling", "pool_instruction", "dtype")}
+    same = {k: meta[k] for k in ("attention", "pooling", "pool_instruction", "dtype", "inputs")}
     trained, untrained = embed(out, items), embed(base, items, same)
     assert trained.shape == (16, untrained.shape[1])
     assert np.allclose(np.linalg.norm(trained, axis=1), 1.0, atol=1e-3)
