@@ -1,12 +1,15 @@
 """DeepSpeed train_step over 2 gloo ranks == plain single-process gradients on the whole batch.
 
 Checks the data-parallel loss scaling (world x loss, tau gradient / world), DeepSpeed's gradient
-averaging and the GradCache path (several backward calls, one optimizer step) for ZeRO 0, 1, 2,
-through the global gradient norm DeepSpeed computes before clipping and the updated weights.
+averaging and the GradCache path (several backward calls, one optimizer step) for ZeRO 0, 1, 2, 3,
+through the global gradient norm DeepSpeed computes before clipping and the updated weights after
+two steps (ZeRO-3 starts each step's gradient on the first micro-step: a parameter that a later
+micro-step reaches first would add onto the previous step's gradient, visible only from step 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -19,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel_ray.model.losses import info_nce, split_chunks
+from umarvel_ray.train.loop import lr_lambda
 from umarvel_ray.train.stages import TrainConfig
 
 N, DIM_IN, DIM, K = 8, 6, 4, 1
-CASES = [(0, 0), (1, 0), (2, 0), (2, 2), (1, 3)]  # (zero stage, micro batch; 0 = no GradCache)
+CASES = [(0, 0), (1, 0), (2, 0), (2, 2), (1, 3), (3, 0), (3, 2)]  # (zero stage, micro batch; 0 = no cache)
+STEPS = 2
 
 
 class TinyEmbedder(nn.Module):
@@ -119,28 +124,42 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 0.0, 0.0)),
         )
         batch = _batch(d, rank * per, (rank + 1) * per, micro)
-        out, grad_norm = train_step(engine, batch, make_loss_fn(cfg, batch))
+        losses = []
+        for _ in range(STEPS):
+            out, grad_norm = train_step(engine, batch, make_loss_fn(cfg, batch))
+            losses.append(float(out.loss))
+        gather = ds.zero.GatheredParameters(list(engine.module.parameters())) if zero == 3 else None
+        with gather or contextlib.nullcontext():
+            weight = engine.module.embedder.lin.weight.detach().clone()
+            log_tau = float(engine.module.embedder.log_tau.detach().reshape(()))
         results[zero, micro] = {
-            "loss": float(out.loss),
+            "losses": losses,
             "grad_norm": grad_norm,
-            "weight": engine.module.embedder.lin.weight.detach().clone(),
-            "log_tau": float(engine.module.embedder.log_tau.detach().reshape(())),
+            "weight": weight,
+            "log_tau": log_tau,
         }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _reference() -> tuple[float, float, torch.Tensor, float]:
-    """Single process, whole batch, plain torch AdamW step (what DeepSpeed must reproduce)."""
+def _reference() -> tuple[list[float], float, torch.Tensor, float]:
+    """Single process, whole batch, plain torch AdamW steps (what DeepSpeed must reproduce)."""
     d = _data()
     emb = TinyEmbedder()
-    q, p, n = emb(d["query"]), emb(d["positive"]), emb(d["negatives"])
-    out = info_nce(q, p, n, emb.tau, pos_ids=d["pos_ids"], neg_ids=d["neg_ids"], query_ids=d["query_ids"])
-    out.backward_loss.backward()
     params = [emb.lin.weight, emb.lin.bias, emb.log_tau]
-    norm = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
     opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    opt.step()
-    return float(out.loss.detach()), norm, emb.lin.weight.detach().clone(), float(emb.log_tau.detach())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 0.0, 0.0))
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        q, p, n = emb(d["query"]), emb(d["positive"]), emb(d["negatives"])
+        ids = dict(pos_ids=d["pos_ids"], neg_ids=d["neg_ids"], query_ids=d["query_ids"])
+        out = info_nce(q, p, n, emb.tau, **ids)
+        out.backward_loss.backward()
+        norm = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+    return losses, norm, emb.lin.weight.detach().clone(), float(emb.log_tau.detach())
 
 
 def _port() -> int:
@@ -150,13 +169,13 @@ def _port() -> int:
 
 
 def test_deepspeed_two_ranks_match_single_process(tmp_path):
-    loss, norm, weight, log_tau = _reference()
+    losses, norm, weight, log_tau = _reference()
     mp.spawn(_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         for case in CASES:
             r = res[case]
-            assert r["loss"] == pytest.approx(loss, abs=1e-5), case
+            assert r["losses"] == pytest.approx(losses, abs=1e-5), case
             assert r["grad_norm"] == pytest.approx(norm, rel=1e-4), case
             torch.testing.assert_close(r["weight"], weight, atol=1e-6, rtol=1e-5, msg=str(case))
             assert r["log_tau"] == pytest.approx(log_tau, abs=1e-6), case

@@ -217,7 +217,13 @@ def cached_backward(
     2. Run `loss_fn(full_embeddings, tau)` on the concatenated embeddings (it gathers across workers)
        and take d backward_loss / d embeddings (and d/d tau).
     3. For each k, re-encode chunk k with autograd under the same RNG state and call
-       `backward(sum(emb * cached_grad))` (+ tau * dL/dtau on the last chunk) — K backward calls.
+       `backward(sum(emb * cached_grad) + tau * dL/dtau / K)` — K backward calls.
+
+    Every backward carries its 1/K share of the temperature's gradient (rather than all of it on
+    the last chunk) so each backward reaches every trainable parameter: DeepSpeed ZeRO-3 starts a
+    step's gradient by copying on the first micro-step and adds on later ones, per micro-step and
+    not per parameter, so a parameter first reached in micro-step 2 would add onto the previous
+    step's gradient (measured: tau drifted from the ZeRO-0 run from the second step on).
 
     The parameter gradients equal those of one backward through the full batch, so the number of
     in-batch negatives is workers x per-worker batch, whatever micro-batch fits in memory.
@@ -264,8 +270,8 @@ def cached_backward(
                 surrogate = term if surrogate is None else surrogate + term
             if tau is not None:
                 tau_live = tau
-        if k == k_total - 1 and tau_grad is not None and tau_live is not None and tau_live.requires_grad:
-            term = (tau_live * tau_grad).sum()
+        if tau_grad is not None and tau_live is not None and tau_live.requires_grad:
+            term = (tau_live * (tau_grad / k_total)).sum()
             surrogate = term if surrogate is None else surrogate + term
         if surrogate is not None:
             backward(surrogate)

@@ -206,9 +206,12 @@ class TrainModule(nn.Module):
             embedder.log_tau = nn.Parameter(lt.detach().reshape(1).clone(), requires_grad=lt.requires_grad)
         self.embedder = embedder
         if zero_stage == 3:
-            from deepspeed.zero import register_external_parameter
+            # `deepspeed.zero` is an attribute of the package (deepspeed/__init__.py:
+            # `from .runtime import zero`), not an importable module, so `from deepspeed.zero
+            # import ...` fails; the documented `deepspeed.zero.register_external_parameter` works.
+            import deepspeed
 
-            register_external_parameter(self, embedder.log_tau)
+            deepspeed.zero.register_external_parameter(self, embedder.log_tau)
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embedder(batch), self.embedder.tau.reshape(())
@@ -216,6 +219,17 @@ class TrainModule(nn.Module):
     def restore_scalar_tau(self) -> None:
         lt = self.embedder.log_tau
         self.embedder.log_tau = nn.Parameter(lt.detach().float().reshape(()).clone(), requires_grad=False)
+
+
+def current_tau(embedder: Any, zero_stage: int) -> float:
+    """The temperature now; under ZeRO-3 log_tau is a partition outside forward, so every rank
+    gathers it (a collective: call on all ranks)."""
+    if zero_stage != 3:
+        return float(embedder.tau.detach().float().reshape(()))
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([embedder.log_tau]):
+        return float(embedder.tau.detach().float().reshape(()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,12 +520,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_start = time.time()
 
     emb_cfg = _embedder_config(cfg, use_gpu)
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's init: same seed, same run (any ZeRO stage)
     embedder = Embedder.build(emb_cfg)
     module = TrainModule(embedder, cfg.zero_stage)
     source = build_source(cfg)
     plan = ShardPlan(len(source), world, rank, cfg.per_device_batch, cfg.seed)
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
-    ds_config = deepspeed_config(cfg, bf16=use_gpu and emb_cfg.dtype == "bfloat16")
+    ds_config = deepspeed_config(cfg, bf16=emb_cfg.dtype == "bfloat16")
     engine = init_engine(ds, module, ds_config, cfg, total)
     start = resume_step(engine, cfg, under_ray, world, rank, cfg.stage)
 
@@ -547,7 +562,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.objective == "distill" and world > 1:  # local mean per rank -> global mean for logging
             dist.all_reduce(loss)
             loss /= world
-        tau = float(embedder.tau.detach().float()) if cfg.zero_stage != 3 else float("nan")
         steps_log.write(
             {
                 "step": g,
@@ -555,6 +569,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "batch": batch.step,
                 "indices": batch.indices,
                 "loss": float(loss),
+                "grad_norm": grad_norm,
                 "dropped": batch.dropped,
             }
         )
@@ -571,6 +586,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         metrics: dict[str, Any] = {}
         if g % cfg.log_every == 0 or g == total:
+            tau = current_tau(embedder, cfg.zero_stage)
             elapsed = max(time.time() - window_t, 1e-9)
             metrics = {
                 "step": g,
@@ -627,9 +643,9 @@ def save_merged(
 
     gather = contextlib.nullcontext()
     if cfg.zero_stage == 3:
-        from deepspeed.zero import GatheredParameters
+        import deepspeed
 
-        gather = GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     with gather:
         if rank == 0:
             out = cfg.model_dir

@@ -297,6 +297,7 @@ def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.time()
     rr_cfg = reranker_config(cfg, use_gpu)
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's init: same seed, same run (any ZeRO stage)
     reranker = Reranker.build(rr_cfg)
     module = JudgeModule(reranker)
     pairs = RerankPairs(cfg)
@@ -304,7 +305,7 @@ def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:
     if plan.steps_per_epoch < 1:
         raise ValueError(f"{len(pairs)} pairs do not fill one global batch of {plan.global_batch}")
     total = plan.total_steps(cfg.epochs, cfg.max_steps)
-    ds_config = deepspeed_config(cfg, bf16=use_gpu and rr_cfg.dtype == "bfloat16")  # type: ignore[arg-type]
+    ds_config = deepspeed_config(cfg, bf16=rr_cfg.dtype == "bfloat16")  # type: ignore[arg-type]
     engine = init_engine(ds, module, ds_config, cfg, total)
     start = resume_step(engine, cfg, under_ray, world, rank, "reranker")
 
