@@ -28,9 +28,11 @@ def _train(cfg: object) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from umarvel_ray.train.reranker_train import RerankerTrainConfig
+    from umarvel_ray.train.reranker_train import RerankerTrainConfig, check_reranker_inputs
 
-    return run_job(RerankerTrainConfig, _train, argv, __doc__, "reranker", needs_ray=True)
+    return run_job(
+        RerankerTrainConfig, _train, argv, __doc__, "reranker", needs_ray=True, check=check_reranker_inputs
+    )
 
 
 if __name__ == "__main__":

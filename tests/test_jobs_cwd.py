@@ -86,3 +86,33 @@ def test_stage_and_evaluation_jobs_run_from_another_directory(tmp_path, ray_clus
     assert "mscoco_task0" in json.loads((work / "runs/r/eval/mbeir.json").read_text())["tasks"]
     used = yaml.safe_load((work / "runs/r/eval/config.yaml").read_text())
     assert (used["model"], used["data_root"]) == (str(model), str(work / "data"))
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        (
+            "evaluate.py",
+            ["model=runs/nope/model", "out_dir=ev"],
+            "model: model directory {cwd}/runs/nope/model not found (no config.json there)",
+        ),
+        (
+            "train_reranker.py",
+            ["run_dir=rr", "model=Qwen/Qwen2-VL-2B-Instruct"],
+            "mined negatives not found: {cwd}/rr/negatives/negatives.jsonl; run jobs/mine_negatives.py",
+        ),
+        (
+            "mine_negatives.py",
+            ["model=runs/nope/model", "output_dir=mn", "data_root={toy}"],
+            "model directory not found: {cwd}/runs/nope/model",
+        ),
+    ],
+    ids=["evaluate-missing-model", "reranker-missing-negatives", "mine-missing-model"],
+)
+def test_a_job_with_a_missing_input_says_which_before_startup(script, args, message, tmp_path, toy_mbeir_dir):
+    args = [a.format(toy=toy_mbeir_dir) for a in args]
+    done = _job(script, ["--config", TOY, *args], cwd=tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 2, log[-3000:]
+    assert message.format(cwd=tmp_path) in log
+    assert "started local Ray" not in log and "Traceback" not in log

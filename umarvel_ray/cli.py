@@ -26,15 +26,20 @@ def run_job(
     doc: str | None = None,
     section: str | None = None,
     needs_ray: bool = False,
+    check: Callable[[T], Any] | None = None,
 ) -> int:
     """Parse `--config FILE key=value ...` into `cls` and call `run(cfg)`; return the exit code.
 
-    `needs_ray` joins RAY_ADDRESS or starts a loopback local Ray first, for library calls that
-    expect a connected Ray (the pipelines connect on their own, honouring their `ray_address`).
+    `check(cfg)` runs right after parsing: a ConfigError there (a missing input, say) exits 2
+    before anything starts. `needs_ray` then joins RAY_ADDRESS or starts a loopback local Ray,
+    for library calls that expect a connected Ray (the pipelines connect on their own, honouring
+    their `ray_address`).
     """
     setup_logging()
     try:
         cfg = parse_job_args(cls, argv, description=doc or "", section=section)
+        if check is not None:
+            check(cfg)
     except (ConfigError, ValueError) as exc:
         log.error("bad config: %s", exc)
         return EXIT_BAD_CONFIG

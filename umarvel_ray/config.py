@@ -240,6 +240,16 @@ def is_local_model(value: str, base: Path) -> bool:
     )
 
 
+def check_model_dir(value: str, field_name: str) -> None:
+    """Refuse a model that names a local directory without a saved model in it (a hub id passes:
+    `from_pretrained` resolves it). Raises ConfigError naming the field and the path."""
+    if is_local_model(value, Path.cwd()) and not (Path(value).expanduser() / "config.json").is_file():
+        raise ConfigError(
+            f"{field_name}: model directory {value} not found (no config.json there); give a merged "
+            "model directory (a training stage's <run_dir>/<stage>/model) or a Hugging Face hub id"
+        )
+
+
 def resolve_paths(cfg: T, base: str | Path | None = None) -> T:
     """`cfg` with every path field absolute, nested sections and `keys_of` dicts included.
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import ConfigError, require_absolute, save_config
+from umarvel_ray.config import ConfigError, check_model_dir, require_absolute, save_config
 from umarvel_ray.data.mbeir import (
     GLOBAL_POOL_FILE,
     INSTRUCTIONS_FILE,
@@ -977,6 +977,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     ({task: {pool: RetrievalMetrics}}).
     """
     require_absolute(cfg)
+    check_model_dir(cfg.model, "model")
     t0 = time.perf_counter()
     plan = plan_tasks(cfg)  # query and qrels files validated here
     plan.out_dir.mkdir(parents=True, exist_ok=True)

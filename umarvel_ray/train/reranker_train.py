@@ -29,7 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from umarvel_ray.config import ConfigError, deep_update, from_dict, option, require_absolute, to_dict
+from umarvel_ray.config import (
+    ConfigError,
+    check_model_dir,
+    deep_update,
+    from_dict,
+    option,
+    require_absolute,
+    to_dict,
+)
 from umarvel_ray.model.losses import stable_id
 from umarvel_ray.progress import quiet_known_noise
 from umarvel_ray.train.data import MBEIRTrain, ShardPlan, mbeir_train_inputs
@@ -432,14 +440,23 @@ def build_reranker_trainer(cfg: RerankerTrainConfig) -> Any:
     return torch_trainer(train_loop_per_worker, cfg, name=RUN_NAME, extra_config=extra)
 
 
+def check_reranker_inputs(cfg: RerankerTrainConfig) -> None:
+    """Refuse missing inputs in the user's terms, before Ray or DeepSpeed start (ConfigError)."""
+    check_model_dir(cfg.model, "model")
+    if not cfg.negatives_path().is_file():
+        raise ConfigError(
+            f"mined negatives not found: {cfg.negatives_path()}; run jobs/mine_negatives.py with the "
+            "stage-3 model first, or set negatives_file= to its negatives.jsonl"
+        )
+
+
 def run_reranker_training(cfg: RerankerTrainConfig, force: bool = False) -> Path:
     """Train the re-ranker with Ray Train (skipped when `<output>/model` exists); returns that dir."""
     require_absolute(cfg)
     if reranker_done(cfg) and not force:
         log.info("reranker already trained: %s (skipping)", cfg.model_dir)
         return cfg.model_dir
-    if not cfg.negatives_path().is_file():
-        raise FileNotFoundError(f"mined negatives not found: {cfg.negatives_path()}")
+    check_reranker_inputs(cfg)
     result = build_reranker_trainer(cfg).fit()
     if getattr(result, "error", None) is not None:
         raise result.error
