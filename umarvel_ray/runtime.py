@@ -59,6 +59,8 @@ def ensure_ray(
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return False
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    _pin_local_address()
     kwargs: dict[str, Any] = dict(
         address="local",
         _node_ip_address=LOOPBACK,
@@ -68,9 +70,34 @@ def ensure_ray(
         object_store_memory=object_store_memory,
         log_to_driver=True,
     )
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    finally:  # the raylet (and so every worker) has inherited them; this process need not keep them
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     log.info("started local Ray: %s", ray.cluster_resources())
     return True
+
+
+def _pin_local_address() -> None:
+    """Choose the local head's GCS port up front and name it in RAY_ADDRESS, which the raylet and
+    so every worker inherit (`ensure_ray` restores this process's own environment afterwards). Code in workers that looks the cluster up without an address (Ray
+    Train's PlacementGroupCleaner asks the State API for its controller's state) then finds this
+    cluster even when other Ray instances run on the machine, where Ray's auto-detection gives up
+    with "Found multiple active Ray instances"."""
+    import socket
+
+    if os.environ.get("RAY_GCS_SERVER_PORT"):
+        port = int(os.environ["RAY_GCS_SERVER_PORT"])
+    else:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
 
 
 def actor_pool(min_size: int, max_size: int | None = None) -> dict[str, Any]:
