@@ -4,7 +4,8 @@ Sources (`ImportConfig.format`):
 * `table`: a captions table (csv, jsonl or parquet) with an image path column and a caption
   column, optional split and item id columns; image paths resolve under `images`.
 * `coco`: a COCO-style caption json ({"images": [{id, file_name}], "annotations": [{image_id,
-  caption}]}); file names resolve under `images`.
+  caption}]}); file names resolve under `images`; the image id is the item; an annotation may
+  carry a `split`.
 * `hf`: a Hugging Face `datasets` dataset saved with `save_to_disk` (an image column and a text
   column holding a string or a list of strings); only when `datasets` is installed.
 
@@ -87,6 +88,7 @@ class Row:
     image_key: str
     caption: str | None
     split: str | None
+    why: str | None = None  # the reader already knows the image is unusable (e.g. an unknown image id)
 
 
 @dataclass
@@ -161,14 +163,16 @@ def read_coco(cfg: ImportConfig, path: Path, images: Path) -> Iterator[Row]:
     files = {im["id"]: im["file_name"] for im in data["images"]}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}:annotations[{i}]"
-        fname = files.get(ann.get("image_id"))
+        image_id = ann.get("image_id")
+        fname = files.get(image_id)
         yield Row(
             where,
-            str(ann.get("image_id")),
+            str(image_id),
             None if fname is None else images / fname,
-            fname or "",
+            fname or f"<image_id {image_id!r}>",
             _cell(ann.get("caption")),
             _cell(ann.get("split")),
+            None if fname is not None else f"image_id {image_id!r} is not in the file's 'images'",
         )
 
 
@@ -232,6 +236,8 @@ def _check_image(row: Row) -> str | None:
     """Why the row's image cannot be used (the embedding pipeline's decoder decides), or None."""
     from umarvel_ray.data.images import ImageDecodeError, decode_image, load_image
 
+    if row.why is not None:
+        return row.why
     try:
         if isinstance(row.image, bytes):
             decode_image(row.image)
@@ -315,7 +321,7 @@ def run_import(cfg: ImportConfig) -> ImportResult:
                 image_bad[row.image_key] = why
         if why is not None:
             if cfg.missing_images == "error" and row.image_key in image_bad:
-                raise mbeir.MBEIRFormatError(row.where.rsplit(":", 1)[0], _line(row.where), cfg.image_column, why)
+                _stop(row, "image_id" if fmt == "coco" else cfg.image_column, why)
             res.rejected.append(f"{row.where}: {why}")
             continue
         sp = splits[split]
@@ -349,9 +355,13 @@ def run_import(cfg: ImportConfig) -> ImportResult:
     return res
 
 
-def _line(where: str) -> int:
-    tail = where.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+def _stop(row: Row, field_name: str, why: str) -> None:
+    """missing_images=error: raise at the row, FILE:LINE where the source has lines (csv, jsonl),
+    else the row's own location (`annotations[7]`, `train[3]`, `row 5`)."""
+    file, _, loc = row.where.rpartition(":")
+    if loc.isdigit():
+        raise mbeir.MBEIRFormatError(file, int(loc), field_name, why)
+    raise ValueError(f"{row.where}: field '{field_name}': {why}")
 
 
 def _write_layout(
