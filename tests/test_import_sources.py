@@ -11,7 +11,9 @@ assertions check the copies too.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -186,3 +188,116 @@ def test_coco_missing_image_can_stop_the_import(tmp_path):
     with pytest.raises(ValueError, match=r"captions_train2017\.json:annotations\[6\]: field 'image_id': missing image"):
         run_import(ImportConfig(out_dir=str(tmp_path / "o"), source=str(coco["json"]), images=str(coco["images"]),
                                 name="cocoown", format="coco", missing_images="error"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face `datasets` saved to disk
+# ----------------------------------------------------------------------------------------------
+
+
+def _png(seed: int, mode: str) -> bytes:
+    buf = io.BytesIO()
+    _image(seed, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_hf(root: Path) -> dict:
+    """A DatasetDict(train, test, validation) with an `Image` column, a list-of-captions column and
+    an item id column, saved with save_to_disk. Images: PIL images of several modes (datasets encodes
+    them), PNG and JPEG bytes, and one that is not an image at all."""
+    import datasets
+
+    jpeg = io.BytesIO()
+    _image(7, "RGB").save(jpeg, format="JPEG", quality=90)
+    parts = {
+        "train": [
+            (_image(1, "RGB"), ["A yellow tram in the rain", NON_ASCII], "t1"),
+            (_image(2, "RGBA"), ["Zwei Fahrräder am Zaun"], "t2"),
+            ({"bytes": _png(3, "L"), "path": None}, ["A grey cat asleep"], "t3"),
+            ({"bytes": jpeg.getvalue(), "path": None}, ["A bowl of ramen — ラーメン"], "t4"),
+        ],
+        "test": [
+            ({"bytes": _png(11, "P"), "path": None}, [SHARED, "Sand and a dog"], "q1"),
+            ({"bytes": _png(12, "RGB"), "path": None}, [SHARED], "q2"),  # shares a caption with q1
+            ({"bytes": _png(13, "RGB"), "path": None}, ["The same red chair, front"], "q3"),
+            ({"bytes": _png(14, "L"), "path": None}, ["The same red chair, side"], "q3"),  # 2nd image of q3
+            ({"bytes": _png(15, "RGB"), "path": None}, [], "q4"),  # no caption
+            ({"bytes": b"this is not an image", "path": None}, ["A broken file"], "q5"),
+        ],
+        "validation": [  # neither train nor test: the hashed split by item
+            ({"bytes": _png(21, "RGB"), "path": None}, ["A lighthouse at dusk"], "v1"),
+            ({"bytes": _png(22, "RGB"), "path": None}, ["Ein Leuchtturm im Nebel"], "v2"),
+        ],
+    }
+    features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string")),
+                                  "item": datasets.Value("string")})
+    dd = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict(
+            {"image": [r[0] for r in rows], "captions": [r[1] for r in rows], "item": [r[2] for r in rows]},
+            features=features,
+        )
+        for name, rows in parts.items()
+    })
+    path = root / "hf_saved"
+    dd.save_to_disk(str(path))
+    # The bytes the dataset holds (PIL images were encoded by datasets): the source of each copy.
+    raw = datasets.load_from_disk(str(path))
+    sources = {}
+    for name in parts:
+        d = raw[name].cast_column("image", datasets.Image(decode=False))
+        for i, rec in enumerate(d):
+            sources[f"{name}[{i}]"] = rec["image"]["bytes"]
+    return {"path": path, "parts": parts, "sources": sources}
+
+
+def test_hf_import(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="umarvel_ray")
+    hf = make_hf(tmp_path / "hf")
+    out = tmp_path / "data" / "hf_own"
+    rc = _job("import_data").main([f"source={hf['path']}", f"out_dir={out}", "name=hfown", "format=hf",
+                                   "image_column=image", "caption_column=captions", "id_column=item",
+                                   "dataset_id=23", "test_fraction=0.5"])
+    assert rc == 0
+    report = json.loads((out / "import_report.json").read_text(encoding="utf-8"))
+    src = hf["path"]
+    assert report["rejected"][0] == f"{src}:test[4]: empty caption"
+    assert report["rejected"][1].startswith(f"{src}:test[5]: ")  # the decoder's reason for the bad bytes
+    assert len(report["rejected"]) == 2
+    n_captions = sum(max(1, len(r[1])) for rows in hf["parts"].values() for r in rows)
+    assert report["rows_in"] == n_captions == report["rows_out"] + report["rows_rejected"]
+    assert report["validation_errors"] == 0 and validate_dir(out, check_images=True).ok
+    assert f"SUMMARY import_data: rows_in={n_captions}, rows_out={n_captions - 2}, rows_rejected=2" in caplog.text
+    assert f"REJECTED {src}:test[4]: empty caption" in capsys.readouterr().out
+    assert [t.name for t in discover_tasks(out)] == ["hfown_task0", "hfown_task3", "hfown_task4"]
+
+    expected: dict[str, dict[str, set[str]]] = {"train": {}, "test": {}}
+    for name, rows in hf["parts"].items():
+        for i, (_img, caps, item) in enumerate(rows):
+            if (name, i) in (("test", 4), ("test", 5)):
+                continue
+            split = name if name in ("train", "test") else hashed_split(item, 0, 0.5)
+            expected[split].setdefault(f"{name}[{i}]", set()).update(_norm(c) for c in caps)
+    _check_tasks(out, "hfown", expected, hf["sources"])
+    # Original bytes are copied, with the suffix of their real format.
+    t3, _ = _imported(out, "train", 3, "hfown")
+    jpgs = [q["query_img_path"] for q in t3 if q["query_img_path"].endswith(".jpg")]
+    assert len(jpgs) == 1 and (out / jpgs[0]).read_bytes() == hf["sources"]["train[3]"]
+    assert all(p.suffix in (".png", ".jpg") for p in (out / "mbeir_images/hfown").iterdir())
+    # Item q3 has two images: image->image, each the other's positive.
+    t4, pool4 = _imported(out, "test", 4, "hfown")
+    pairs = {_source_of(out, q["query_img_path"], hf["sources"]):
+             {_source_of(out, pool4[d]["img_path"], hf["sources"]) for d in q["pos_cand_list"]} for q in t4}
+    assert pairs == {"test[2]": {"test[3]"}, "test[3]": {"test[2]"}}
+    t0, _ = _imported(out, "test", 0, "hfown")
+    assert [len(q["pos_cand_list"]) for q in t0 if q["query_txt"] == SHARED] == [2]
+
+
+def test_hf_import_names_missing_columns_and_stops_on_a_bad_image(tmp_path):
+    from umarvel_ray.config import ConfigError
+
+    hf = make_hf(tmp_path / "hf")
+    with pytest.raises(ConfigError, match=r"columns \['caption'\] not in the dataset"):
+        run_import(ImportConfig(out_dir=str(tmp_path / "a"), source=str(hf["path"]), name="hfown", format="hf"))
+    with pytest.raises(ValueError, match=r"hf_saved:test\[5\]: field 'image': "):
+        run_import(ImportConfig(out_dir=str(tmp_path / "b"), source=str(hf["path"]), name="hfown", format="hf",
+                                caption_column="captions", id_column="item", missing_images="error"))
