@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
 
     setup_logging()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help is not --help-stage
     pre.add_argument("--stage", default=None, help="run only this stage (stage1..stage5)")
     pre.add_argument("--help-stage", action="store_true", help="list the per-stage TrainConfig keys")
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
