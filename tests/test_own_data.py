@@ -214,6 +214,35 @@ def test_stage1_without_pretrain_pairs_stops_before_any_work(user, monkeypatch, 
     assert rc == 2 and "pretrain/caption_pairs.jsonl" in caplog.text and '"img_path"' in caplog.text
 
 
+
+def test_stages_4_5_without_their_mined_files_stop_before_any_work(user, monkeypatch, caplog):
+    """jobs/train.py 'stages=[stage3,stage4,stage5]' cannot work alone: stage 4 trains on negatives
+    mined with the stage-3 model and stage 5 on teacher scores, which other jobs write. It says so
+    before stage 3 starts (it used to train stage 3, then fail inside stage 4's workers)."""
+    import umarvel_ray.runtime
+
+    def no_ray(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("Ray started although stage 4 cannot run")
+
+    monkeypatch.setattr(umarvel_ray.runtime, "ensure_ray", no_ray)
+    job = _job("train")
+    run = user["tmp"] / "run-s345"
+    base = [f"data_root={user['out']}", f"run_dir={run}", "model=Qwen/Qwen2-VL-7B-Instruct"]
+    assert job.main([*base, "stages=[stage3,stage4,stage5]"]) == 2
+    assert f"{run}/negatives/negatives.jsonl" in caplog.text and "jobs/mine_negatives.py" in caplog.text
+    assert "jobs/pipeline.py" in caplog.text
+    caplog.clear()
+    assert job.main([*base, "stages=[stage3,stage5]"]) == 2
+    assert f"{run}/teacher/teacher.jsonl" in caplog.text and "jobs/teacher_scores.py" in caplog.text
+    # Once the files are there, the check passes (it reaches Ray, which this test forbids).
+    for rel in ("negatives/negatives.jsonl", "teacher/teacher.jsonl"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("")
+    caplog.clear()
+    assert job.main([*base, "stages=[stage3,stage4,stage5]"]) == 1
+    assert "Ray started although" in caplog.text and "does not exist yet" not in caplog.text
+
+
 @pytest.mark.ray
 def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir, tmp_path, capsys):
     from umarvel_ray.train.stages import TrainConfig
