@@ -25,11 +25,11 @@ log = logging.getLogger("umarvel_ray.jobs.train")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE [--stage NAME] key=value ...`, run the stages, return the exit code."""
-    from umarvel_ray.train.inputs import check_stage_inputs
+    from umarvel_ray.train.inputs import check_between_stage_files, check_stage_inputs
     from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
 
     setup_logging()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help is not --help-stage
     pre.add_argument("--stage", default=None, help="run only this stage (stage1..stage5)")
     pre.add_argument("--help-stage", action="store_true", help="list the per-stage TrainConfig keys")
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             check_start_model(stages[0])  # later stages start from what the earlier ones write
         for cfg in stages:
             check_stage_inputs(cfg)  # e.g. stage1 without pretrain/nli_pairs.jsonl: say what to do
+            check_between_stage_files(cfg)  # stage4/5 without mined negatives / teacher scores
     except (ConfigError, ValueError) as exc:
         log.error("bad config: %s", exc)
         return 2

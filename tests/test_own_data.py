@@ -1,4 +1,5 @@
-"""A user's own data: import -> validate -> train (stage 3, per-task files) -> evaluate; discovery.
+"""A user's own data: import -> validate -> train (stage 3, per-task files) -> evaluate -> serve;
+discovery.
 
 The dataset is built here the way a user has one (not with the toy generator): PIL images in
 RGB, RGBA, palette and grayscale under a folder, a captions csv with non-ASCII captions, two items
@@ -213,6 +214,35 @@ def test_stage1_without_pretrain_pairs_stops_before_any_work(user, monkeypatch, 
     assert rc == 2 and "pretrain/caption_pairs.jsonl" in caplog.text and '"img_path"' in caplog.text
 
 
+
+def test_stages_4_5_without_their_mined_files_stop_before_any_work(user, monkeypatch, caplog):
+    """jobs/train.py 'stages=[stage3,stage4,stage5]' cannot work alone: stage 4 trains on negatives
+    mined with the stage-3 model and stage 5 on teacher scores, which other jobs write. It says so
+    before stage 3 starts (it used to train stage 3, then fail inside stage 4's workers)."""
+    import umarvel_ray.runtime
+
+    def no_ray(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("Ray started although stage 4 cannot run")
+
+    monkeypatch.setattr(umarvel_ray.runtime, "ensure_ray", no_ray)
+    job = _job("train")
+    run = user["tmp"] / "run-s345"
+    base = [f"data_root={user['out']}", f"run_dir={run}", "model=Qwen/Qwen2-VL-7B-Instruct"]
+    assert job.main([*base, "stages=[stage3,stage4,stage5]"]) == 2
+    assert f"{run}/negatives/negatives.jsonl" in caplog.text and "jobs/mine_negatives.py" in caplog.text
+    assert "jobs/pipeline.py" in caplog.text
+    caplog.clear()
+    assert job.main([*base, "stages=[stage3,stage5]"]) == 2
+    assert f"{run}/teacher/teacher.jsonl" in caplog.text and "jobs/teacher_scores.py" in caplog.text
+    # Once the files are there, the check passes (it reaches Ray, which this test forbids).
+    for rel in ("negatives/negatives.jsonl", "teacher/teacher.jsonl"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("")
+    caplog.clear()
+    assert job.main([*base, "stages=[stage3,stage4,stage5]"]) == 1
+    assert "Ray started although" in caplog.text and "does not exist yet" not in caplog.text
+
+
 @pytest.mark.ray
 def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir, tmp_path, capsys):
     from umarvel_ray.train.stages import TrainConfig
@@ -245,3 +275,51 @@ def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir
     md = (ev / "mbeir.md").read_text()
     assert f"| {NAME} t->i | R@5 |" in md and f"avg of 3: {', '.join(TASKS)}" in md
     assert data["settings"]["global_pool_from_local_pools"]
+    _serve_the_evaluation(out, model, ev)
+
+
+def _serve_the_evaluation(out: Path, model: Path, ev: Path) -> None:
+    """README "Your own data" step 4: the app built on the evaluation's global index and pool
+    embeddings answers /v1/search for a known caption with the ranking the evaluation scored,
+    its image among the results."""
+    import requests
+    from serve_fixtures import serve_app, small_args
+
+    from umarvel_ray.eval.report import read_trec_run, run_path
+    from umarvel_ray.pipelines.decode import query_rng
+
+    index_dir, emb_dir = ev / "index" / "global", ev / "embeddings" / "pool-global"
+    # Without a union file the global pool is the merged local pools the evaluation wrote.
+    manifest = json.loads((emb_dir / "manifest.json").read_text())
+    union = ev / "inputs" / "union_test_cand_pool.jsonl"
+    assert manifest["input"] == str(union) and manifest["settings"]["data_root"] == str(out)
+    assert (ev / "index" / "global.meta.json").is_file()
+    pool = {r["did"]: r for r in mbeir.read_pool(union).to_pylist()}
+    task0 = next(t for t in discover_tasks(out) if t.name == f"{NAME}_task0")
+    run = read_trec_run(run_path(ev, task0.name, "global"))
+    queries = mbeir.read_queries(out / task0.query_file).to_pylist()
+    k = len(next(iter(run.values())))
+    assert k < len(pool)  # the top-k is a real cut of the pool
+    # A caption whose image the evaluation ranked in its top k (R@5 > 0 for this task).
+    hits = [q for q in queries if set(q["pos_cand_list"]) & {d for d, _ in run[q["qid"]]}]
+    assert hits, "no text->image hit in the global run: nothing to check the server against"
+    q = hits[0]
+    instructions = mbeir.read_instructions(out / mbeir.INSTRUCTIONS_FILE)
+    # The instruction the evaluation drew for this query (instruction=random, seed 0).
+    item = mbeir.query_item(q, instructions, rng=query_rng(0, q["qid"]))
+    args = small_args(model, {"index_dir": index_dir, "embeddings_dir": emb_dir}, reranker_dir="")
+    with serve_app(args, name="own_data") as base:
+        r = requests.post(f"{base}/v1/search", timeout=120,
+                          json={"query": {"text": q["query_txt"], "instruction": item["instruction"]}, "k": k})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+    served = [(x["id"], x["score"]) for x in results]
+    want = run[q["qid"]]
+    # The ranking the evaluation scored: same ids with the same scores (order up to float ties).
+    assert sorted(d for d, _ in served) == sorted(d for d, _ in want)
+    np.testing.assert_allclose([s for _, s in served], [s for _, s in want], atol=1e-4)
+    np.testing.assert_allclose([dict(served)[d] for d, _ in want], [s for _, s in want], atol=1e-4)
+    image = (set(q["pos_cand_list"]) & {d for d, _ in served}).pop()
+    rec = next(x["record"] for x in results if x["id"] == image)
+    assert rec["modality"] == "image" and rec["image_url"].endswith(f"/v1/records/{image}/image")
+    assert pool[image]["img_path"].startswith(f"mbeir_images/{NAME}/")

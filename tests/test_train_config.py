@@ -132,6 +132,11 @@ def test_train_job_cli_exit_codes(capsys):
     job = _train_job()
     assert job.main(["--help-stage"]) == 0
     assert "per_device_batch" in capsys.readouterr().out
+    # --help is the job's own help (stages, common, stageN), not an abbreviation of --help-stage.
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "stages = " in out and "per-stage keys" not in out
     toy = str(REPO / "jobs/configs/toy.yaml")
     assert job.main(["--config", toy, "stage3.learning_rate=1"]) == 2  # unknown key: refused before Ray
     assert job.main(["--config", toy, "--stage", "stage7"]) == 2

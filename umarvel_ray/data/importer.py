@@ -4,9 +4,11 @@ Sources (`ImportConfig.format`):
 * `table`: a captions table (csv, jsonl or parquet) with an image path column and a caption
   column, optional split and item id columns; image paths resolve under `images`.
 * `coco`: a COCO-style caption json ({"images": [{id, file_name}], "annotations": [{image_id,
-  caption}]}); file names resolve under `images`.
-* `hf`: a Hugging Face `datasets` dataset saved with `save_to_disk` (an image column and a text
-  column holding a string or a list of strings); only when `datasets` is installed.
+  caption}]}); file names resolve under `images`; the image id is the item; an annotation may
+  carry a `split`.
+* `hf`: a Hugging Face `datasets` dataset saved with `save_to_disk` (an image column: `Image`
+  feature, bytes or path; a text column holding a string or a list of strings); a DatasetDict's
+  `train` / `test` parts are those splits; only when `datasets` is installed.
 
 What is written (RECIPE.md section 2 formats, dataset id `dataset_id`, name `name`):
 task 0 text->image (each distinct caption is a query; every image of every item with that caption
@@ -20,10 +22,12 @@ both sides. Per split and task: query jsonl and qrels; test pools are the task's
 Images are copied under `mbeir_images/<name>/`, and `instructions/query_instructions.tsv` gets
 one editable row per task.
 
-Rows: every input row is either written or rejected with its FILE:LINE and reason (missing or
-undecodable image, empty caption, unknown split); `rows_in = rows_out + rows_rejected` is
-reported. `missing_images=error` stops at the first bad image instead. The output is then checked
-by `validate.validate_dir(check_images=True)`: a directory this writes always validates.
+Rows (one per caption: a COCO annotation, a table row, each caption of an HF record): every
+input row is either written or rejected with its location (FILE:LINE; `FILE:annotations[i]`,
+`DIR:<part>[i]`) and reason (missing or undecodable image, unknown COCO image id, empty caption,
+unknown split); `rows_in = rows_out + rows_rejected` is reported. `missing_images=error` stops
+at the first bad image instead. The output is then checked by
+`validate.validate_dir(check_images=True)`: a directory this writes always validates.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Row:
     image_key: str
     caption: str | None
     split: str | None
+    why: str | None = None  # the reader already knows the image is unusable (e.g. an unknown image id)
 
 
 @dataclass
@@ -161,19 +166,28 @@ def read_coco(cfg: ImportConfig, path: Path, images: Path) -> Iterator[Row]:
     files = {im["id"]: im["file_name"] for im in data["images"]}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}:annotations[{i}]"
-        fname = files.get(ann.get("image_id"))
+        image_id = ann.get("image_id")
+        fname = files.get(image_id)
         yield Row(
             where,
-            str(ann.get("image_id")),
+            str(image_id),
             None if fname is None else images / fname,
-            fname or "",
+            fname or f"<image_id {image_id!r}>",
             _cell(ann.get("caption")),
             _cell(ann.get("split")),
+            None if fname is not None else f"image_id {image_id!r} is not in the file's 'images'",
         )
 
 
-def read_hf(cfg: ImportConfig, path: Path) -> Iterator[Row]:
-    """Rows of a `datasets` dataset saved to disk; a DatasetDict's split names become splits."""
+def read_hf(cfg: ImportConfig, path: Path, images: Path) -> Iterator[Row]:
+    """Rows of a `datasets` dataset saved to disk, one per caption (a list column gives several).
+
+    Splits: a DatasetDict's `train` / `test` parts are those splits (unless a split column says
+    otherwise); other parts (`validation`, ...) and a plain Dataset go by the split column, else the
+    hashed split. The image column may be an `Image` feature (read undecoded: the original bytes
+    are copied and a broken image is one rejected row, not a crash), bytes, or a path (relative to
+    `images`). A record with no caption is one rejected row.
+    """
     try:
         import datasets
     except ImportError:
@@ -182,25 +196,55 @@ def read_hf(cfg: ImportConfig, path: Path) -> Iterator[Row]:
             "captions table (csv/jsonl/parquet) with an image folder and use format=table"
         ) from None
     ds = datasets.load_from_disk(str(path))
-    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    parts = list(ds.items()) if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
     for split, d in parts:
+        missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in d.column_names]
+        if missing:
+            raise ConfigError(
+                f"{path}{f' ({split})' if split else ''}: columns {missing} not in the dataset "
+                f"(has {d.column_names}); set image_column= / caption_column="
+            )
+        if isinstance(d.features[cfg.image_column], datasets.Image):
+            d = d.cast_column(cfg.image_column, datasets.Image(decode=False))
+        part = split or "data"
         for i, rec in enumerate(d):
-            where = f"{path}:{split or 'data'}[{i}]"
-            caps = rec.get(cfg.caption_column)
-            img = rec.get(cfg.image_column)
-            data = None
-            if img is not None and hasattr(img, "save"):
-                import io
-
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                data = buf.getvalue()
-            elif isinstance(img, dict) and img.get("bytes"):
-                data = img["bytes"]
-            item = _cell(rec.get(cfg.id_column)) or f"{split}:{i}"
+            where = f"{path}:{part}[{i}]"
+            image, key, why = _hf_image(rec.get(cfg.image_column), images, f"{part}[{i}]")
+            item = _cell(rec.get(cfg.id_column)) or f"{part}[{i}]"
             split_v = _cell(rec.get(cfg.split_column)) or (split if split in SPLITS else None)
-            for c in caps if isinstance(caps, list) else [caps]:
-                yield Row(where, item, data, f"{split}:{i}", _cell(c), split_v)
+            caps = rec.get(cfg.caption_column)
+            caps = [c for c in caps if _cell(c)] if isinstance(caps, list) else [caps]
+            for c in caps or [None]:
+                yield Row(where, item, image, key, _cell(c), split_v, why)
+
+
+def _hf_image(v: Any, images: Path, key: str) -> tuple[Path | bytes | None, str, str | None]:
+    """(image, image key, why unusable) of one HF image cell: {bytes, path} (an undecoded Image
+    feature), raw bytes, or a path string."""
+    if isinstance(v, dict):
+        if v.get("bytes"):
+            return bytes(v["bytes"]), key, None
+        v = v.get("path")
+    if isinstance(v, (bytes, bytearray)):
+        return (bytes(v), key, None) if v else (None, key, "no image")
+    if isinstance(v, str) and v.strip():
+        p = Path(v) if Path(v).is_absolute() else images / v
+        return p, str(p), None
+    return None, key, "no image"
+
+
+def _image_suffix(data: bytes) -> str:
+    """File suffix of image bytes from their header (the copy keeps the original encoding)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").lower()
+    except (UnidentifiedImageError, OSError, ValueError):
+        return ".img"
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}" if fmt else ".img")
 
 
 def _format(cfg: ImportConfig, src: Path) -> str:
@@ -232,6 +276,8 @@ def _check_image(row: Row) -> str | None:
     """Why the row's image cannot be used (the embedding pipeline's decoder decides), or None."""
     from umarvel_ray.data.images import ImageDecodeError, decode_image, load_image
 
+    if row.why is not None:
+        return row.why
     try:
         if isinstance(row.image, bytes):
             decode_image(row.image)
@@ -284,7 +330,7 @@ def run_import(cfg: ImportConfig) -> ImportResult:
     if not src.exists():
         raise ConfigError(f"source not found: {src}")
     fmt = _format(cfg, src)
-    rows = read_hf(cfg, src) if fmt == "hf" else read_coco(cfg, src, images) if fmt == "coco" else read_table(cfg, src, images)
+    rows = read_hf(cfg, src, images) if fmt == "hf" else read_coco(cfg, src, images) if fmt == "coco" else read_table(cfg, src, images)
     if out.exists() and cfg.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,14 +361,14 @@ def run_import(cfg: ImportConfig) -> ImportResult:
                 image_bad[row.image_key] = why
         if why is not None:
             if cfg.missing_images == "error" and row.image_key in image_bad:
-                raise mbeir.MBEIRFormatError(row.where.rsplit(":", 1)[0], _line(row.where), cfg.image_column, why)
+                _stop(row, "image_id" if fmt == "coco" else cfg.image_column, why)
             res.rejected.append(f"{row.where}: {why}")
             continue
         sp = splits[split]
         img_did = sp.images.get(row.image_key)
         if img_did is None:
             img_did = f"{ds}:{next(next_id)}"
-            suffix = Path(row.image_key).suffix.lower() if not isinstance(row.image, bytes) else ".png"
+            suffix = _image_suffix(row.image) if isinstance(row.image, bytes) else Path(row.image_key).suffix.lower()
             rel = f"{IMAGE_DIR}/{cfg.name}/{img_did.split(':')[1].zfill(7)}{suffix or '.img'}"
             img_dir.mkdir(parents=True, exist_ok=True)
             if isinstance(row.image, bytes):
@@ -349,9 +395,13 @@ def run_import(cfg: ImportConfig) -> ImportResult:
     return res
 
 
-def _line(where: str) -> int:
-    tail = where.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+def _stop(row: Row, field_name: str, why: str) -> None:
+    """missing_images=error: raise at the row, FILE:LINE where the source has lines (csv, jsonl),
+    else the row's own location (`annotations[7]`, `train[3]`, `row 5`)."""
+    file, _, loc = row.where.rpartition(":")
+    if loc.isdigit():
+        raise mbeir.MBEIRFormatError(file, int(loc), field_name, why)
+    raise ValueError(f"{row.where}: field '{field_name}': {why}")
 
 
 def _write_layout(

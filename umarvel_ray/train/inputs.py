@@ -56,4 +56,31 @@ def check_stage_inputs(cfg: TrainConfig) -> None:
             )
 
 
-__all__ = ["PAIR_FORMATS", "check_stage_inputs"]
+def check_between_stage_files(cfg: TrainConfig) -> None:
+    """ConfigError when stage 4's mined negatives or stage 5's teacher scores are not there yet.
+
+    Training does not write them: `jobs/mine_negatives.py` and `jobs/teacher_scores.py` do, from the
+    previous stage's model, and `jobs/pipeline.py` runs them between the stages. `jobs/train.py`
+    calls this for every stage it will train, so `stages=[stage3,stage4,stage5]` stops before
+    stage 3 instead of failing inside stage 4's workers; a finished stage is not checked (it is
+    skipped). The recipe does not call it (it writes these files itself).
+    """
+    from umarvel_ray.train.trainer import stage_done
+
+    if cfg.data_kind == "mbeir" and cfg.num_negatives > 0 and cfg.negatives_file:
+        key, job = "negatives_file", "jobs/mine_negatives.py (hard negatives from the stage-3 model)"
+    elif cfg.data_kind == "distill" and cfg.teacher_file:
+        key, job = "teacher_file", "jobs/teacher_scores.py (teacher scores from the stage-4 model and the reranker)"
+    else:
+        return
+    path = cfg.data_path(getattr(cfg, key))
+    if path.is_file() or stage_done(cfg):
+        return
+    raise ConfigError(
+        f"{cfg.stage} trains on {path} ({cfg.stage}.{key}), which does not exist yet: {job} writes it. "
+        f"Run that job first and then this stage, or run the chain with jobs/pipeline.py "
+        f"'train.stages=[...]', which runs it between the stages"
+    )
+
+
+__all__ = ["PAIR_FORMATS", "check_between_stage_files", "check_stage_inputs"]
