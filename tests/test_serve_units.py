@@ -88,3 +88,17 @@ def test_builder_args_become_an_absolute_config(tmp_path, monkeypatch):
         serve_config({"no_such_key": 1})
     with pytest.raises(ConfigError, match="max_queued_requests"):
         serve_config({"embedder.max_queued_requests": -1})
+
+
+
+def test_metrics_interval_reaches_the_autoscaling_config_only_when_set():
+    """Ray 2.60 still reads the deprecated metrics_interval_s (how often callers report load):
+    short autoscaling delays need it below look_back_period_s; unset, Serve keeps its 10 s."""
+    from umarvel_ray.config import ConfigError
+    from umarvel_ray.serve.app import serve_config
+
+    scaled = serve_config({"embedder.look_back_period_s": 2, "embedder.metrics_interval_s": 0.5})
+    assert scaled.embedder.autoscaling_config()["metrics_interval_s"] == 0.5
+    assert "metrics_interval_s" not in serve_config({}).embedder.autoscaling_config()
+    with pytest.raises(ConfigError, match="metrics_interval_s"):
+        serve_config({"embedder.metrics_interval_s": 5, "embedder.look_back_period_s": 5})

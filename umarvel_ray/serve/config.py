@@ -22,6 +22,11 @@ class DeploymentSettings:
     upscale_delay_s: float = option(30.0, "autoscaling: load must persist this long before adding")
     downscale_delay_s: float = option(600.0, "autoscaling: idle must persist this long before removing")
     look_back_period_s: float = option(30.0, "autoscaling: window of averaged metrics")
+    metrics_interval_s: float | None = option(
+        None,
+        "autoscaling: how often callers report load to the controller (Ray 2.60 still reads this "
+        "deprecated field; null = Serve's 10 s). Keep look_back_period_s above it",
+    )
     max_ongoing_requests: int = option(32, "requests one replica works on at once (>= batch size)")
     max_queued_requests: int = option(64, "requests waiting per caller before 503/429 (never -1: bursts)")
     num_cpus: float = option(1.0, "CPUs reserved per replica (fractional on small machines)")
@@ -41,6 +46,8 @@ class DeploymentSettings:
             raise ConfigError("max_queued_requests must be >= 1 (an unbounded queue hangs under bursts)")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"use_gpu must be auto|true|false, got {self.use_gpu!r}")
+        if self.metrics_interval_s is not None and not 0 < self.metrics_interval_s < self.look_back_period_s:
+            raise ConfigError("metrics_interval_s must be > 0 and below look_back_period_s")
 
     def autoscaling_config(self) -> dict[str, float | int]:
         cfg: dict[str, float | int] = {
@@ -53,6 +60,8 @@ class DeploymentSettings:
         }
         if self.initial_replicas is not None:
             cfg["initial_replicas"] = self.initial_replicas
+        if self.metrics_interval_s is not None:
+            cfg["metrics_interval_s"] = self.metrics_interval_s
         return cfg
 
 

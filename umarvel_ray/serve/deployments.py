@@ -44,6 +44,7 @@ class EmbedderServer:
         self.model = Embedder.load(model_dir).to(device)
         _configure_batching(self.embed, settings)
         self.batches: list[int] = []  # recent batch sizes (bench, tests)
+        self.totals = {"batches": 0, "items": 0}  # since start: mean batch size over any window
 
     def info(self) -> dict[str, Any]:
         return {"dim": self.model.dim, "device": str(self.model.device)}
@@ -60,6 +61,8 @@ class EmbedderServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def embed(self, requests: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         self.batches = (self.batches + [len(requests)])[-1000:]
+        self.totals["batches"] += 1
+        self.totals["items"] += len(requests)
         out: list[dict[str, Any]] = [{} for _ in requests]
         for role in ("query", "candidate"):
             idx = [i for i, (r, _) in enumerate(requests) if r == role]
@@ -72,6 +75,10 @@ class EmbedderServer:
 
     def batch_sizes(self) -> list[int]:
         return list(self.batches)
+
+    def batch_totals(self) -> dict[str, int]:
+        """Batches run and items embedded since this replica started (health checks excluded)."""
+        return dict(self.totals)
 
     def check_health(self) -> None:
         """A real forward on a one-word query: a wedged model or device fails the replica."""
