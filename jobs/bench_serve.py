@@ -1,7 +1,7 @@
 """Benchmark: Ray Serve with dynamic batching on vs off (same run, replicas, model), and autoscaling.
 
-    python jobs/bench_serve.py --quick     # < 1 min on 2 cores: a smoke run of every phase
-    python jobs/bench_serve.py             # the figures to quote (~5 min on 2 cores)
+    python jobs/bench_serve.py --quick     # a smoke run of every phase (~2 min on busy 2 cores)
+    python jobs/bench_serve.py             # the figures to quote (~6 min on 2 cores)
 
 Loopback only: its own local Ray and Serve on 127.0.0.1, the tiny offline Qwen2-VL and a pool of
 the toy benchmark, both built in a temp work dir. QPS and p50/p95/p99 at several concurrencies for
@@ -30,7 +30,7 @@ from umarvel_ray.serve.bench import quick_or_full, run_bench
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small run (< 1 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="smoke run of every phase (~1-2 min on 2 cores)")
     p.add_argument("--concurrency", help="comma-separated concurrencies (default 1,4,16,32; quick 2,16)")
     p.add_argument("--requests", type=int, help="most requests per load point (default 3000; quick 400)")
     p.add_argument("--seconds", type=float, help="most seconds per load point (default 12; quick 1.5)")
