@@ -29,7 +29,11 @@ class DeploymentSettings:
     )
     max_ongoing_requests: int = option(32, "requests one replica works on at once (>= batch size)")
     max_queued_requests: int = option(64, "requests waiting per caller before 503/429 (never -1: bursts)")
-    num_cpus: float = option(1.0, "CPUs reserved per replica (fractional on small machines)")
+    num_cpus: float = option(
+        0.5,
+        "CPUs reserved per replica; the defaults (0.5 + 0.5 + 0.25 for the ingress) let the whole app "
+        "start on a 2-core laptop; raise it on CPU-only servers (GPU replicas are gated by their GPU)",
+    )
     use_gpu: str = option("auto", "auto (one GPU per replica when the cluster has GPUs) | true | false")
     max_batch_size: int = option(16, "@serve.batch: most items per forward (1 = batching off)")
     batch_wait_timeout_s: float = option(0.01, "@serve.batch: longest wait to fill a batch")
@@ -106,6 +110,6 @@ class ServeConfig:
     reranker: DeploymentSettings = field(default_factory=DeploymentSettings)
     retriever: DeploymentSettings = field(
         default_factory=lambda: DeploymentSettings(
-            max_ongoing_requests=64, max_queued_requests=128, max_batch_size=1, num_cpus=0.5
+            max_ongoing_requests=64, max_queued_requests=128, max_batch_size=1, num_cpus=0.25
         )
     )

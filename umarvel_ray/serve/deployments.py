@@ -21,6 +21,9 @@ HEALTH_ITEM = {"text": "health check", "image": None, "instruction": None}
 
 def _setup_torch(settings: dict[str, Any]) -> str:
     """Threads per replica and the device: a GPU when Serve gave this replica one."""
+    from umarvel_ray.progress import quiet_known_noise
+
+    quiet_known_noise()
     import torch
 
     threads = int(settings.get("torch_threads") or 0) or max(1, int(settings.get("num_cpus", 1)))
