@@ -31,6 +31,7 @@ def test_ray_job_submit_runs_a_job_on_a_local_head(tmp_path, toy_mbeir_dir):
         "RAY_TEMP_DIR": str(temp_dir),
         "RAY_PORT": str(_free_port()),
         "DASHBOARD_PORT": str(dash),
+        "AGENT_PORT": str(_free_port()),  # another Ray here may hold the default 52365
         "NUM_CPUS": "1",
         "OBJECT_STORE_BYTES": str(150 * 1024 * 1024),
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
