@@ -1,7 +1,8 @@
 """Evaluate an embedder on M-BEIR (16 tasks, local and global pools) or on the toy benchmark.
 
     python jobs/evaluate.py data_root=/data/M-BEIR model=runs/stage3/merged out_dir=runs/eval
-    python jobs/evaluate.py data_root=toy model=tiny out_dir=runs/toy-eval tasks=[mscoco_task0,cirr_task7] \\
+    python jobs/evaluate.py data_root=data/toy_mbeir model=runs/toy/stage3/model out_dir=runs/toy-eval \\
+        tasks=[mscoco_task0,cirr_task7] \\
         pools=[local] instruction=fixed prompt_index=0 use_gpu=false
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/evaluate.py --config CFG ...
 

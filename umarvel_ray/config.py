@@ -374,7 +374,7 @@ def parse_job_args(
         epilog="config keys (override with key=value):\n" + "\n".join(help_lines(cls)),
     )
     parser.add_argument("--config", default=default_config, help="YAML preset to load first")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (see the keys below), e.g. out_dir=runs/x")
     args = parser.parse_args(argv)
     return load_config(cls, args.config, args.overrides, section=section)
 
