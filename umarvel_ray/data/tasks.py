@@ -302,3 +302,21 @@ def single_train_inputs(
     per-task files are concatenated into `cache_dir/train_queries.jsonl` (qids must not repeat)."""
     queries, pool, _ = resolve_train_inputs(root, train_file, pool_file, cache_dir)
     return concat_queries(queries, Path(cache_dir) / "train_queries.jsonl"), pool
+
+
+def job_train_inputs(
+    data_root: str, query_file: str, pool_file: str, output_dir: str
+) -> tuple[Path, Path, Path, Path]:
+    """(data_root, query file, pool file, output dir) of a mining or teacher-scoring job, with the
+    per-task fallback of `single_train_inputs` written under `<output_dir>/inputs`.
+
+    Raises ConfigError (the job's bad-config exit) when the inputs cannot be found.
+    """
+    from umarvel_ray.config import ConfigError
+
+    root, out = Path(data_root).expanduser(), Path(output_dir).expanduser()
+    try:  # no union train files: the per-task train files and the union of the local pools
+        qf, pf = single_train_inputs(root, root / query_file, root / pool_file, out / "inputs")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return root, qf, pf, out

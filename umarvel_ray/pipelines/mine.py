@@ -39,7 +39,7 @@ from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
-from umarvel_ray.data.tasks import single_train_inputs
+from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.pipelines.embed import EmbedConfig, EmbedResult, run_embedding
 
 log = logging.getLogger("umarvel_ray.mine")
@@ -445,15 +445,7 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
         raise ConfigError(f"mmembed needs depth >= {cfg.c2_ranks[1]} (c2_ranks), got {cfg.depth}")
     if cfg.model and not Path(cfg.model).expanduser().is_dir():
         raise ConfigError(f"model directory not found: {cfg.model}")
-    root = Path(cfg.data_root).expanduser()
-    out = Path(cfg.output_dir).expanduser()
-    try:  # no union train files: the per-task train files and the union of the local pools
-        qf, pf = single_train_inputs(
-            root, resolve(root, cfg.query_file), resolve(root, cfg.pool_file), out / "inputs"
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
-    return root, qf, pf, out
+    return job_train_inputs(cfg.data_root, cfg.query_file, cfg.pool_file, cfg.output_dir)
 
 
 def run_mining(cfg: MineConfig) -> MineResult:

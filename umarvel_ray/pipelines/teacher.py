@@ -43,7 +43,7 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
-from umarvel_ray.data.tasks import single_train_inputs
+from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.pipelines import decode
 from umarvel_ray.pipelines.embed import EmbedConfig, model_signature
 from umarvel_ray.pipelines.mine import (
@@ -411,15 +411,7 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
         v = getattr(cfg, name)
         if v and not Path(v).expanduser().is_dir():
             raise ConfigError(f"{name} directory not found: {v}")
-    root = Path(cfg.data_root).expanduser()
-    out = Path(cfg.output_dir).expanduser()
-    try:  # no union train files: the per-task train files and the union of the local pools
-        qf, pf = single_train_inputs(
-            root, resolve(root, cfg.query_file), resolve(root, cfg.pool_file), out / "inputs"
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
-    return root, qf, pf, out
+    return job_train_inputs(cfg.data_root, cfg.query_file, cfg.pool_file, cfg.output_dir)
 
 
 def scan_offsets(path: Path, wanted: set[str], id_key: str = "did") -> dict[str, tuple[int, int]]:
