@@ -55,6 +55,14 @@ processes importing torch + transformers while decode tasks run, 20-35 s) is pai
 So on 2 cores it matches the compact loop end to end and beats it by ~1.2x after start-up; on
 more cores or GPUs, decode and collation leave the model's critical path entirely.
 Prints `ratio pipeline/naive: X`, `ratio pipeline/naive-compact: Y`, `ratio pipeline/model-only: Z`.
+
+`--no-ray` (no Ray needed: jobs/gpu_check.sh) times, in one process, the embedding actor's own
+per-batch function (`EmbedActor.__call__`: unpickle the group, host -> device, forward, device ->
+host, non-finite check) against the model alone (forward over the same batches already on the
+device), over groups made beforehand by the pipeline's CPU stage function (`decode.decode_chunks`,
+collation in the tasks, as on GPU nodes, where those run in parallel off the actors' path).
+`--size 2b --device cuda --dtype bfloat16` uses a random-weight Qwen2-VL-2B-sized model (as
+jobs/bench_model.py). Prints `ratio loop/model-only: R` (the goal on a GPU: >= 0.90).
 """
 
 from __future__ import annotations
@@ -124,6 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2400,
         help="rows for (c) and (d), which hold every pre-decoded image in memory (0 = all rows)",
     )
+    p.add_argument("--no-ray", action="store_true", help="only the actor loop vs model-only arms, no Ray")
+    p.add_argument("--size", choices=["tiny", "2b"], default="tiny", help="--no-ray: model (2b: random weights)")
+    p.add_argument("--device", default="cpu", help="--no-ray: cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="--no-ray: float32 or bfloat16")
     p.add_argument("--workdir", help="keep generated data and outputs here (default: a temp dir, removed)")
     p.add_argument("--json", help="also write the results as JSON to this file")
     return p.parse_args(argv)
@@ -379,13 +391,125 @@ def _arm_facts(arm: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _groups(root: Path, rel: str, collator_model: Path, args: argparse.Namespace, budget: tuple[int, int]) -> list:
+    """(meta, payload) blobs of every group, made by the pipeline's CPU stage function."""
+    from umarvel_ray.pipelines import decode
+
+    index = decode.index_input(root / rel, args.shard_rows, args.chunk_rows or 64)
+    out = []
+    for rec in decode.chunk_records(index.shards):
+        groups = decode.decode_chunks(
+            {k: np.array([v]) for k, v in rec.items()},
+            input_path=str(root / rel),
+            kind="candidate",
+            data_root=str(root),
+            batch_size=args.batch_size,
+            collate=True,
+            model=str(collator_model),
+            model_overrides=_overrides(budget),
+            min_pixels=budget[0],
+            max_pixels=budget[1],
+        )
+        out += [(m, p) for m, p in zip(groups["meta"], groups["payload"], strict=True) if p]
+    return out
+
+
+def run_actor_loop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`--no-ray`: EmbedActor.__call__ vs forward alone over the same groups (see the module doc)."""
+    import torch
+
+    from umarvel_ray.model.backbone import resolve_dtype
+    from umarvel_ray.model.embedder import Embedder
+    from umarvel_ray.model.tiny import make_tiny_qwen2vl
+    from umarvel_ray.pipelines import decode
+    from umarvel_ray.pipelines.embed import EmbedActor, model_pixel_budget
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    root, rel, facts = prepare_data(args, work)
+    tiny = make_tiny_qwen2vl(work / "tiny_model", seed=0)  # its processor collates for both sizes
+    budget = model_pixel_budget(tiny)
+    groups = _groups(root, rel, tiny, args, budget)
+    dtype = resolve_dtype(args.dtype)
+    if args.size == "2b":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_model import build_2b
+
+        emb = build_2b(args.device, dtype, work)
+    else:
+        emb = Embedder.load(tiny, cfg_overrides={**_overrides(budget), "dtype": str(dtype)[6:]})
+        emb = emb.to(torch.device(args.device))
+    actor = EmbedActor.from_embedder(emb, "candidate")
+    payloads = [decode.unpack_group(m, p)[1]["collated"] for m, p in groups]
+    on_device = [{k: torch.from_numpy(v).to(args.device) for k, v in b.items()} for b in payloads]
+    rows = sum(len(b["attention_mask"]) for b in payloads)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        emb(on_device[0])  # warm-up: kernels, allocator
+        sync()
+        t = time.perf_counter()
+        for b in on_device:
+            emb(b)
+        sync()
+        model_s = time.perf_counter() - t
+    actor({"meta": np.array([groups[0][0]], object), "payload": np.array([groups[0][1]], object)})
+    sync()
+    t = time.perf_counter()
+    out_rows = 0
+    for m, p in groups:
+        out_rows += len(actor({"meta": np.array([m], object), "payload": np.array([p], object)})["id"])
+    sync()
+    loop_s = time.perf_counter() - t
+    return {
+        "data": facts,
+        "model": "random Qwen2-VL-2B" if args.size == "2b" else "tiny Qwen2-VL",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": str(dtype),
+        "batch_size": args.batch_size,
+        "groups": len(groups),
+        "rows": rows,
+        "rows_out": out_rows,
+        "model_only_items_per_s": rows / model_s,
+        "loop_items_per_s": out_rows / loop_s,
+        "ratio_loop_model_only": (out_rows / loop_s) / (rows / model_s),
+    }
+
+
+def main_no_ray(args: argparse.Namespace) -> int:
+    args.rows = args.rows or (48 if args.quick else 2048)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        r = run_actor_loop(args, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"{r['model']} on {r['device']} ({r['dtype']}), {r['rows']} rows in {r['groups']} batches of "
+        f"<= {r['batch_size']}: model-only {r['model_only_items_per_s']:.1f} items/s, actor loop "
+        f"{r['loop_items_per_s']:.1f} items/s"
+    )
+    print(f"ratio loop/model-only: {r['ratio_loop_model_only']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from umarvel_ray.progress import setup_logging
-    from umarvel_ray.runtime import ensure_ray, local_ray_env
 
     args = parse_args(argv)
-    args.rows = args.rows or (96 if args.quick else 30000)
     setup_logging()
+    if args.no_ray:
+        return main_no_ray(args)
+    from umarvel_ray.runtime import ensure_ray, local_ray_env
+
+    args.rows = args.rows or (96 if args.quick else 30000)
     local_ray_env()
     t_all = time.perf_counter()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_embed_"))

@@ -14,10 +14,11 @@ best of a few large square `torch.matmul`s in the same dtype on the same device.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per cell")
     p.add_argument("--quick", action="store_true", help="short timings (CI smoke run, < 1 min on 2 cores)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--json", default="", help="also write the rows and the best MFU to this JSON file")
     return p.parse_args(argv)
 
 
@@ -291,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU: best {best.mfu:.2%} ({best.modality}, batch {best.batch}); "
         f"matmul peak {peak / 1e12:.3f} TFLOP/s ({emb.dtype}, {args.device})"
     )
+    if args.json:
+        result = {
+            "model": name,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "dtype": str(emb.dtype),
+            "peak_tflops": peak / 1e12,
+            "best": asdict(best),
+            "rows": [asdict(r) for r in rows],
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

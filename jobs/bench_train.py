@@ -9,7 +9,9 @@ LoRA embedder, gathered InfoNCE) in N processes over gloo, one torch thread each
 fixed per-worker batch, so in-batch negatives grow with N). Scaling efficiency =
 samples/s(N) / (N x samples/s(1)). Peak RSS is each worker's ru_maxrss.
 
-MFU mode times one worker's LoRA step in bf16 with gradient checkpointing. Model FLOPs per step =
+MFU mode times one worker's LoRA step in bf16 with gradient checkpointing, through DeepSpeed or
+(`--engine torch`, no DeepSpeed or Ray needed: jobs/gpu_check.sh) the same `train_step` driving
+`umarvel_ray.train.torch_engine.TorchEngine` (bf16 module, fp32 masters, AdamW, clipping). Model FLOPs per step =
 forward FLOPs of every chunk (counted as in jobs/bench_model.py from real tokens and patches) +
 one more language-model forward for the input-gradient backward (base weights are frozen, so no
 weight gradients; the frozen vision tower has no backward; recomputation is not counted, as usual
@@ -47,6 +49,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=float, default=0.5, help="fraction of candidates that are images")
     p.add_argument("--size", choices=["tiny", "2b"], default="tiny", help="mfu mode: model size")
     p.add_argument("--device", default="cpu", help="mfu mode: cpu or cuda")
+    p.add_argument(
+        "--engine", choices=["deepspeed", "torch"], default="deepspeed",
+        help="mfu mode: DeepSpeed engine, or TorchEngine (plain PyTorch, one process, no DeepSpeed)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (scaling mode)")
     p.add_argument("--quick", action="store_true", help="CI smoke run (< 1 min on 2 cores)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -211,13 +217,15 @@ def run_mfu(args: argparse.Namespace) -> dict:
 
     from umarvel_ray.model.embedder import LM_LORA_TARGETS, Embedder, EmbedderConfig, LoraConfig
     from umarvel_ray.model.inputs import ensure_added_tokens
-    from umarvel_ray.train.loop import init_distributed
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    init_distributed(use_gpu=cuda)
+    if args.engine == "deepspeed":
+        from umarvel_ray.train.loop import init_distributed
+
+        os.environ.setdefault("MASTER_PORT", "29533")
+        init_distributed(use_gpu=cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     with tempfile.TemporaryDirectory(prefix="umarvel_bench_mfu_") as tmp:
         if args.size == "2b":
@@ -250,7 +258,15 @@ def run_mfu(args: argparse.Namespace) -> dict:
     emb.train()
     side = 448 if args.size == "2b" else 84
     batches = [_batch(emb, args.batch, args.micro_batch, args.images, side, seed=i) for i in range(2)]
-    engine, tcfg = _engine(emb, args.zero, args.batch, args.micro_batch, bf16=cuda)
+    if args.engine == "torch":
+        from umarvel_ray.train.loop import TrainModule
+        from umarvel_ray.train.stages import TrainConfig
+        from umarvel_ray.train.torch_engine import TorchEngine
+
+        tcfg = TrainConfig(data_kind="nli", per_device_batch=args.batch, micro_batch=args.micro_batch, lr=1e-4)
+        engine = TorchEngine(TrainModule(emb), lr=tcfg.lr, grad_clip=tcfg.grad_clip, bf16=cuda)
+    else:
+        engine, tcfg = _engine(emb, args.zero, args.batch, args.micro_batch, bf16=cuda)
 
     def sync() -> None:
         if cuda:
@@ -273,6 +289,7 @@ def run_mfu(args: argparse.Namespace) -> dict:
     peak = matmul_peak(args.device, dtype, args.quick)
     achieved = per_step * args.steps / seconds
     return {
+        "engine": args.engine,
         "model": f"random Qwen2-VL-{args.size}",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "dtype": str(dtype),

@@ -63,3 +63,13 @@ def test_section_inherits_shared_top_level_keys(tmp_path):
     cfg_file.write_text(yaml.safe_dump({"name": "shared", "steps": 5, "train": {"steps": 9}, "other": {"x": 1}}))
     cfg = load_config(Outer, cfg_file, ["inner.lr=1"], section="train")
     assert (cfg.name, cfg.steps, cfg.inner.lr) == ("shared", 9, 1.0)
+
+
+def test_yaml_boolean_into_a_string_field_keeps_the_word():
+    """`use_gpu=true` on a str field (auto|true|false) is YAML's boolean: it must arrive as 'true',
+    not Python's 'True', which the jobs' own value checks refuse."""
+    from umarvel_ray.pipelines.embed import EmbedConfig
+
+    assert load_config(Outer, None, ["name=true"]).name == "true"
+    assert load_config(EmbedConfig, None, ["use_gpu=false"]).use_gpu == "false"
+    assert load_config(EmbedConfig, None, ["use_gpu=true"]).use_gpu == "true"

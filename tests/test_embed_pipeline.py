@@ -476,6 +476,7 @@ def test_queries_fixed_prompt_equal_direct_encoding(
 
 
 @pytest.mark.gpu
+@pytest.mark.ray
 def test_gpu_actor_matches_cpu_encoding(ray_cluster, data_root, tiny_model_dir, embedder, tmp_path):
     """With a GPU the actors take one each; vectors agree with the CPU reference (TF32 convs aside)."""
     result = run_embedding(_cfg(data_root, tiny_model_dir, tmp_path / "g", use_gpu="true"))

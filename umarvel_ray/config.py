@@ -113,8 +113,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from exc
-    if tp is str:
-        return str(value)
+    if tp is str:  # `use_gpu=true` is YAML's boolean: keep the word the user wrote, not Python's 'True'
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
     if tp is Path:
         return Path(value)
     return value

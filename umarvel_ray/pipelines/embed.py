@@ -462,6 +462,14 @@ class EmbedActor:
         self.is_query = kind == "query"
         self.dim = int(self.embedder.dim)
 
+    @classmethod
+    def from_embedder(cls, embedder: Any, kind: str) -> EmbedActor:
+        """An actor around an embedder already loaded and placed (benchmarks: a random-weight model
+        has no directory to load from). Same per-batch path as an actor Ray Data constructs."""
+        actor = cls.__new__(cls)
+        actor.embedder, actor.is_query, actor.dim = embedder.eval(), kind == "query", int(embedder.dim)
+        return actor
+
     def _forward(self, batch: dict[str, Any]) -> np.ndarray:
         import torch
 
