@@ -771,7 +771,8 @@ def ensure_index(
     )
     if service is not None:
         opts.pop("device")  # the service's own
-        index = service.build_from_embeddings(source, row_filter=None if subset is None else IdSubset(subset), **opts)
+        keep = None if subset is None else IdSubset(subset)
+        index = service.build_from_embeddings(source, row_filter=keep, **opts)
     elif subset is None:
         index = build_index_from_embeddings(source, **opts)
     else:

@@ -61,16 +61,9 @@ def index_shards_option() -> Any:
     return option(0, SHARDS_HELP)
 
 
-__all__ = [
-    "BACKEND",
-    "IdSubset",
-    "SearchService",
-    "ShardWorker",
-    "index_shards_option",
-    "pool_index",
-    "rss_mb",
-    "shard_cpus_option",
-]
+def shard_cpus_option(default: float = 1.0) -> Any:
+    """The `index_shard_cpus` config field that goes with `index_shards`."""
+    return option(default, SHARD_CPUS_HELP)
 
 
 def pool_index(
@@ -93,11 +86,6 @@ def pool_index(
     except BaseException:
         service.close()
         raise
-
-
-def shard_cpus_option(default: float = 1.0) -> Any:
-    """The `index_shard_cpus` config field that goes with `index_shards`."""
-    return option(default, SHARD_CPUS_HELP)
 
 
 class SearchService:
@@ -146,6 +134,13 @@ class SearchService:
         ]
         self.infos: list[dict[str, Any]] = []
         self.device = device
+
+    def ready(self) -> SearchService:
+        """Wait until every actor has started (process up, index modules imported)."""
+        import ray
+
+        ray.get([a.ready.remote() for a in self.actors])
+        return self
 
     # -- building -------------------------------------------------------------------------
     def _built(self, futures: list[Any], unique: bool = True) -> SearchService:
@@ -359,3 +354,15 @@ class SearchService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = [
+    "BACKEND",
+    "IdSubset",
+    "SearchService",
+    "ShardWorker",
+    "index_shards_option",
+    "pool_index",
+    "rss_mb",
+    "shard_cpus_option",
+]

@@ -7,7 +7,11 @@ spawn a thread per core.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +30,17 @@ def rss_mb() -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def settled_rss_mb() -> float:
+    """RSS after handing freed memory back (gc, Arrow's pool, glibc's malloc_trim): what an index
+    really holds, not what the allocators kept from reading parquet batches."""
+    gc.collect()
+    if "pyarrow" in sys.modules:
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_mb()
 
 
 class IdSubset:
@@ -47,18 +62,27 @@ class ShardWorker:
     def __init__(self, shard: int, num_shards: int, threads: int = 1) -> None:
         self.shard, self.num_shards = shard, num_shards
         self.threads = max(1, int(threads))
+        import umarvel_ray.index.build  # noqa: F401  (imported now: not counted in a build's time/RSS)
+
+        self.index: SearchIndex | None = None
+        self._limit_threads()
+
+    def ready(self) -> int:
+        """Round trip once the actor has started (benches time builds from here)."""
+        return os.getpid()
+
+    def _limit_threads(self) -> None:
+        """faiss (OpenMP) and torch, when loaded, use the actor's reserved CPUs, not every core."""
         from umarvel_ray.index.faiss_index import faiss_available, require_faiss
 
         if faiss_available():
             require_faiss().omp_set_num_threads(self.threads)
-        import torch
-
-        torch.set_num_threads(self.threads)
-        self.index: SearchIndex | None = None
-        self.dim = 0
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self.threads)
 
     def _info(self, t0: float, rss0: float) -> dict[str, Any]:
         assert self.index is not None
+        self._limit_threads()  # a build may have imported torch
         return {
             "shard": self.shard,
             "count": len(self.index),
@@ -66,8 +90,8 @@ class ShardWorker:
             "backend": self.index.backend,
             "factory": getattr(self.index, "factory", ""),
             "seconds": time.perf_counter() - t0,
-            "rss_mb": rss_mb(),
-            "rss_added_mb": rss_mb() - rss0,
+            "rss_mb": (rss := settled_rss_mb()),
+            "rss_added_mb": rss - rss0,
             "node": _node_id(),
         }
 
@@ -78,7 +102,7 @@ class ShardWorker:
         from umarvel_ray.index.build import build_index_from_embeddings
 
         self.index = None
-        t0, rss0 = time.perf_counter(), rss_mb()
+        t0, rss0 = time.perf_counter(), settled_rss_mb()
         self.index = build_index_from_embeddings(directory, rows=rows, row_filter=row_filter, **opts)
         return self._info(t0, rss0)
 
@@ -86,7 +110,7 @@ class ShardWorker:
         from umarvel_ray.index.search import build_index, new_index
 
         self.index = None
-        t0, rss0 = time.perf_counter(), rss_mb()
+        t0, rss0 = time.perf_counter(), settled_rss_mb()
         if len(ids):
             self.index = build_index(vectors, ids, **opts)
         else:  # more shards than rows: an empty exact shard answers with padding
@@ -99,7 +123,7 @@ class ShardWorker:
         from umarvel_ray.index.search import ShardedIndex, load_index, new_index, read_index_meta
 
         self.index = None
-        t0, rss0 = time.perf_counter(), rss_mb()
+        t0, rss0 = time.perf_counter(), settled_rss_mb()
         p = base_path(path)
         meta = read_index_meta(p)
         if meta["backend"] == "sharded":

@@ -510,12 +510,14 @@ def retrieve_local(
                 assert pool.vectors is not None
                 index: Any = build_index(pool.vectors[mask], pool.ids[mask], backend=backend, device=device)
             else:
-                index = service.build_from_embeddings(p_dir, row_filter=LocalPool(ds, task_id), backend=backend)
+                keep = LocalPool(ds, task_id)
+                index = service.build_from_embeddings(p_dir, row_filter=keep, backend=backend)
             k = min(top_k, int(mask.sum()))
             scores, ids = index.search_arrays(q_emb.vectors[[row_of[m.qid] for m in metas]], k)
             for m, s_row, i_row in zip(metas, scores, ids, strict=True):
                 found.append(_Query(m, [str(d) for d in i_row], [float(x) for x in s_row]))
-            log.info("task %s: %d queries, local pool %d, top-%d", metas[0].task, len(metas), int(mask.sum()), k)
+            n_pool = int(mask.sum())
+            log.info("task %s: %d queries, local pool %d, top-%d", metas[0].task, len(metas), n_pool, k)
     found.sort(key=lambda q: qid_sort_key(q.meta.qid))
     return found, no_pool
 
@@ -674,8 +676,9 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     ensure_embeddings(cfg.embed, kind="query", input_path=q_input, output_dir=q_dir, **common)
 
     found, no_pool = retrieve_local(
-        chosen, q_dir, p_dir, cfg.top_k, cfg.index_backend, cfg.index_device, cfg.index_shards, cfg.index_shard_cpus
-    )
+        chosen, q_dir, p_dir, cfg.top_k, cfg.index_backend, cfg.index_device,
+        cfg.index_shards, cfg.index_shard_cpus,
+    )  # fmt: skip
     not_embedded = len(chosen) - len(found) - len(no_pool)
 
     p_yes: dict[str, list[float | None]] = {}
