@@ -233,3 +233,37 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
         )
         found[shards] = ([(q.meta.qid, q.candidates, q.cos) for q in got], no_pool)
     assert found[2] == found[0] and len(found[0][0]) == len(metas) - len(found[0][1]) > 0
+
+
+@pytest.mark.slow
+def test_served_search_with_two_shards(ray_cluster, tiny_model_dir, toy_mbeir_dir, tmp_path):
+    """The Retriever with index_shards=2 answers /v1/search exactly like the saved index searched in
+    one process with the served query vector (/v1/embed), and its shard actors go with the app."""
+    import base64
+
+    requests = pytest.importorskip("requests")
+    from serve_fixtures import build_pool, serve_app, small_args
+
+    setup = build_pool(tmp_path / "pool", tiny_model_dir, toy_mbeir_dir)
+    index = load_index(setup["index_dir"] / "pool")
+    instruction = "Retrieve a passage that answers the question."
+    queries = [{"text": t, "instruction": instruction} for t in ("purple triangle?", "a red circle", "blue")]
+    before = ray_cluster.available_resources().get("CPU", 0.0)
+    args = small_args(tiny_model_dir, setup, reranker_dir="", index_shards=2, index_shard_cpus=0.25)
+    with serve_app(args, name="umarvel_sharded") as url:
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["index_size"] == len(setup["ids"]), health
+        for q in queries:
+            emb = requests.post(
+                f"{url}/v1/embed", json={"items": [q], "encoding_format": "base64"}, timeout=60
+            )
+            vec = np.frombuffer(base64.b64decode(emb.json()["data"][0]["embedding"]), "<f4")[None, :]
+            ref_s, ref_i = index.search(vec, 12)
+            body = requests.post(f"{url}/v1/search", json={"query": q, "k": 12}, timeout=60).json()
+            assert [r["id"] for r in body["results"]] == ref_i[0], (q, body)
+            assert [r["score"] for r in body["results"]] == [float(x) for x in ref_s[0]], q
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU", 0.0) < before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = ray_cluster.available_resources().get("CPU", 0.0)
+    assert after >= before, (before, after)  # replica and shard actors gone
