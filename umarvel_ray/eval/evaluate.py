@@ -53,6 +53,7 @@ from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_po
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_average, run_from_search
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run
 from umarvel_ray.index.factory import RULE, factory_for_pool
+from umarvel_ray.index.service import index_shards_option, shard_cpus_option
 
 log = logging.getLogger("umarvel_ray.eval")
 
@@ -137,6 +138,8 @@ class EvalConfig:
     backend: str = field(default="auto", metadata={"help": "index backend: auto | faiss | torch"})
     device: str = field(default="auto", metadata={"help": "index device: auto | cpu | cuda"})
     nprobe: int | None = field(default=None, metadata={"help": "IVF nprobe (approximate factories)"})
+    index_shards: int = index_shards_option()
+    index_shard_cpus: float = shard_cpus_option()
     search_batch_size: int = field(default=1024, metadata={"help": "queries per search call"})
     text_rule: str = field(
         default="uniir",
@@ -249,6 +252,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"local_source must be one of {LOCAL_SOURCES}, got {cfg.local_source!r}")
     if cfg.search_batch_size < 1:
         raise ConfigError("search_batch_size must be >= 1")
+    if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
+        raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")
     if not cfg.run_id or any(c.isspace() for c in cfg.run_id):
         raise ConfigError(f"run_id must be a non-empty token without spaces, got {cfg.run_id!r}")
     if cfg.text_rule not in TEXT_RULES:
@@ -732,19 +737,26 @@ def ensure_index(
     store: PoolEmbeddings | None = None,
     built: list[str] | None = None,
     reused: list[str] | None = None,
+    service: Any = None,
 ) -> Any:
     """Load the index saved at `path` if it was built from the same source, else build and save it.
 
     `subset`: only these ids of `source` (a local pool cut out of the global embeddings).
+    `service`: an `index.service.SearchService` whose shard actors build (or load) the index from
+    disk instead of this process; it is returned in place of an in-process index.
     """
     from umarvel_ray.index import build_index, build_index_from_embeddings, load_index, read_index_meta
+    from umarvel_ray.index.service import IdSubset
 
     fingerprint = _index_fingerprint(cfg, source, subset)
     side = path.with_name(path.name + INDEX_SOURCE_SUFFIX)
     if cfg.reuse_indexes and _read_json(side) == fingerprint:
         try:
             read_index_meta(path)
-            index = load_index(path, device=cfg.device, backend=_load_backend(cfg))
+            if service is not None:
+                index = service.load(path, backend=_load_backend(cfg))
+            else:
+                index = load_index(path, device=cfg.device, backend=_load_backend(cfg))
             if cfg.nprobe is not None and hasattr(index, "set_search_params"):
                 index.set_search_params(nprobe=cfg.nprobe)
             log.info("reusing index %s (%d vectors)", path, len(index))
@@ -757,7 +769,11 @@ def ensure_index(
     opts = dict(
         factory=cfg.index_factory, fp16=cfg.fp16, device=cfg.device, backend=cfg.backend, nprobe=cfg.nprobe
     )
-    if subset is None:
+    if service is not None:
+        opts.pop("device")  # the service's own
+        keep = None if subset is None else IdSubset(subset)
+        index = service.build_from_embeddings(source, row_filter=keep, **opts)
+    elif subset is None:
         index = build_index_from_embeddings(source, **opts)
     else:
         store = store or PoolEmbeddings(source)
@@ -838,7 +854,19 @@ def _search_and_score(
 
 
 def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[str, Any]:
-    """Indexes (built or reused), search, metrics, run files, report; returns the report dict."""
+    """Indexes (built or reused), search, metrics, run files, report; returns the report dict.
+
+    With `index_shards` > 0 one search service (its shard actors) serves every pool in turn and is
+    closed before this returns."""
+    from umarvel_ray.index.service import SearchService
+
+    if cfg.index_shards <= 0:
+        return _evaluate_pools(cfg, plan, emb, None)
+    with SearchService(cfg.index_shards, cfg.index_shard_cpus, device=cfg.device) as service:
+        return _evaluate_pools(cfg, plan, emb, service)
+
+
+def _evaluate_pools(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet, service: Any) -> dict[str, Any]:
     from umarvel_ray.progress import summary
 
     t0 = time.perf_counter()
@@ -873,7 +901,7 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
         else:
             skipped[f"{t.name}/local"] = "no embeddings for the local pool"
             continue
-        index = ensure_index(cfg, idx_dir / "local" / t.name, src, subset, store, built, reused)
+        index = ensure_index(cfg, idx_dir / "local" / t.name, src, subset, store, built, reused, service)
         qids, qvecs = queries[t.name]
         m, info = _search_and_score(
             cfg, plan, t, "local", index, qids, qvecs, qrels_by_task[t.name], set(index.ids.tolist())
@@ -894,7 +922,7 @@ def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[s
         del index
     global_tasks = [t for t in plan.tasks if "global" in t.pools]
     if global_tasks and emb.global_pool is not None:
-        index = ensure_index(cfg, idx_dir / "global", emb.global_pool, None, None, built, reused)
+        index = ensure_index(cfg, idx_dir / "global", emb.global_pool, None, None, built, reused, service)
         gids = set(index.ids.tolist())
         for t in global_tasks:
             qids, qvecs = queries[t.name]

@@ -251,6 +251,16 @@ class SearchIndex(abc.ABC):
         scores, ids = self.search_arrays(queries, k, batch_size)
         return scores, ids.tolist()
 
+    # -- lifetime: the same `with` as index.service.SearchService (nothing to release here) --
+    def close(self) -> None:  # noqa: B027 - a no-op on purpose
+        """No-op for in-process indexes; a SearchService kills its shard actors."""
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- persistence helpers --------------------------------------------------------------
     def _meta(self, **extra: Any) -> dict[str, Any]:
         return {

@@ -40,6 +40,7 @@ from typing import Any
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
+from umarvel_ray.index.service import index_shards_option, shard_cpus_option
 from umarvel_ray.pipelines.embed import EmbedConfig, EmbedResult, run_embedding
 
 log = logging.getLogger("umarvel_ray.mine")
@@ -95,6 +96,8 @@ class MineConfig:
     index_backend: str = field(default="auto", metadata={"help": "auto | faiss | torch"})
     index_device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     index_fp16: bool = field(default=False, metadata={"help": "fp16 index storage (not bit-exact)"})
+    index_shards: int = index_shards_option()
+    index_shard_cpus: float = shard_cpus_option()
     embed: EmbedConfig = field(
         default_factory=EmbedConfig,
         metadata={
@@ -437,6 +440,8 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.depth < 1 or cfg.num_negatives < 1 or cfg.search_batch < 1:
         raise ConfigError("depth, num_negatives and search_batch must be >= 1")
+    if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
+        raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")
     if cfg.max_queries is not None and cfg.max_queries < 1:
         raise ConfigError(f"max_queries must be >= 1 or null, got {cfg.max_queries}")
     if len(cfg.c2_ranks) != 2 or not 1 <= cfg.c2_ranks[0] <= cfg.c2_ranks[1]:
@@ -451,7 +456,7 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
 def run_mining(cfg: MineConfig) -> MineResult:
     """Embed, search top-`depth`, select negatives; write negatives.jsonl + summary.json."""
     require_absolute(cfg)
-    from umarvel_ray.index import build_index_from_embeddings
+    from umarvel_ray.index.service import pool_index
     from umarvel_ray.pipelines.embedstore import iter_embedding_batches, read_embeddings
     from umarvel_ray.progress import Progress, summary
 
@@ -475,62 +480,69 @@ def run_mining(cfg: MineConfig) -> MineResult:
     ensure_embeddings(cfg.embed, kind="candidate", input_path=pf, output_dir=p_dir, **common)
     ensure_embeddings(cfg.embed, kind="query", input_path=q_input, output_dir=q_dir, **common)
 
-    index = build_index_from_embeddings(
-        p_dir, factory="Flat", fp16=cfg.index_fp16, device=cfg.index_device, backend=cfg.index_backend
-    )
-    modality: dict[str, str] | None = None
-    if cfg.strategy == "mmembed":
-        pool = read_embeddings(p_dir, columns=("id", "modality"))
-        assert pool.modalities is not None
-        modality = dict(zip(pool.ids.tolist(), pool.modalities.tolist(), strict=True))
+    with pool_index(
+        p_dir,
+        cfg.index_shards,
+        cfg.index_shard_cpus,
+        factory="Flat",
+        fp16=cfg.index_fp16,
+        device=cfg.index_device,
+        backend=cfg.index_backend,
+    ) as index:
+        modality: dict[str, str] | None = None
+        if cfg.strategy == "mmembed":
+            pool = read_embeddings(p_dir, columns=("id", "modality"))
+            assert pool.modalities is not None
+            modality = dict(zip(pool.ids.tolist(), pool.modalities.tolist(), strict=True))
 
-    records: list[dict[str, Any]] = []
-    empty: list[dict[str, Any]] = []
-    per_task: dict[str, dict[str, int]] = {}
-    totals = dict(positives_skipped=0, filtered_max_score=0, c1=0, c2=0, unknown_qids=0)
-    embedded: set[str] = set()
-    prog = Progress(f"mine {cfg.strategy}", total=len(metas), unit="queries")
-    for batch in iter_embedding_batches(q_dir, cfg.search_batch, columns=("id", "vector")):
-        assert batch.vectors is not None
-        scores, ids = index.search_arrays(batch.vectors, cfg.depth, batch_size=cfg.search_batch)
-        for row, qid in enumerate(batch.ids.tolist()):
-            meta = metas.get(qid)
-            if meta is None:  # an embedding dir made from another query file
-                totals["unknown_qids"] += 1
-                continue
-            embedded.add(qid)
-            sel = select_negatives(
-                ids[row].tolist(),
-                scores[row].tolist(),
-                meta.positives,
-                num=cfg.num_negatives,
-                strategy=cfg.strategy,
-                max_score=cfg.max_score,
-                cand_modality=modality,
-                query_target_modality=meta.target_modality,
-                rng=random.Random(f"{cfg.seed}:{qid}") if cfg.strategy == "mmembed" else None,
-                c2_ranks=tuple(cfg.c2_ranks),
-            )
-            t = per_task.setdefault(meta.task, dict(queries=0, full=0, padded=0, no_negatives=0))
-            t["queries"] += 1
-            totals["positives_skipped"] += sel.n_positives_skipped
-            totals["filtered_max_score"] += sel.n_filtered
-            totals["c1"] += sel.n_c1
-            totals["c2"] += sel.n_c2
-            if not sel.neg_dids:
-                t["no_negatives"] += 1
-                empty.append(
-                    {
-                        "qid": qid,
-                        "task": meta.task,
-                        "positives_in_topk": sel.n_positives_skipped,
-                        "filtered_max_score": sel.n_filtered,
-                    }
+        records: list[dict[str, Any]] = []
+        empty: list[dict[str, Any]] = []
+        per_task: dict[str, dict[str, int]] = {}
+        totals = dict(positives_skipped=0, filtered_max_score=0, c1=0, c2=0, unknown_qids=0)
+        embedded: set[str] = set()
+        prog = Progress(f"mine {cfg.strategy}", total=len(metas), unit="queries")
+        for batch in iter_embedding_batches(q_dir, cfg.search_batch, columns=("id", "vector")):
+            assert batch.vectors is not None
+            scores, ids = index.search_arrays(batch.vectors, cfg.depth, batch_size=cfg.search_batch)
+            for row, qid in enumerate(batch.ids.tolist()):
+                meta = metas.get(qid)
+                if meta is None:  # an embedding dir made from another query file
+                    totals["unknown_qids"] += 1
+                    continue
+                embedded.add(qid)
+                sel = select_negatives(
+                    ids[row].tolist(),
+                    scores[row].tolist(),
+                    meta.positives,
+                    num=cfg.num_negatives,
+                    strategy=cfg.strategy,
+                    max_score=cfg.max_score,
+                    cand_modality=modality,
+                    query_target_modality=meta.target_modality,
+                    rng=random.Random(f"{cfg.seed}:{qid}") if cfg.strategy == "mmembed" else None,
+                    c2_ranks=tuple(cfg.c2_ranks),
                 )
-                continue
-            t["full" if sel.n_candidates >= cfg.num_negatives else "padded"] += 1
-            records.append({"qid": qid, "neg_dids": sel.neg_dids, "n_candidates": sel.n_candidates})
-        prog.update(len(batch))
+                t = per_task.setdefault(meta.task, dict(queries=0, full=0, padded=0, no_negatives=0))
+                t["queries"] += 1
+                totals["positives_skipped"] += sel.n_positives_skipped
+                totals["filtered_max_score"] += sel.n_filtered
+                totals["c1"] += sel.n_c1
+                totals["c2"] += sel.n_c2
+                if not sel.neg_dids:
+                    t["no_negatives"] += 1
+                    empty.append(
+                        {
+                            "qid": qid,
+                            "task": meta.task,
+                            "positives_in_topk": sel.n_positives_skipped,
+                            "filtered_max_score": sel.n_filtered,
+                        }
+                    )
+                    continue
+                t["full" if sel.n_candidates >= cfg.num_negatives else "padded"] += 1
+                records.append({"qid": qid, "neg_dids": sel.neg_dids, "n_candidates": sel.n_candidates})
+            prog.update(len(batch))
+        pool_size = len(index)
     if totals["unknown_qids"]:
         log.warning("%d query embeddings have no record in %s (ignored)", totals["unknown_qids"], q_input)
 
@@ -559,7 +571,7 @@ def run_mining(cfg: MineConfig) -> MineResult:
             "depth": cfg.depth,
             "num_negatives": cfg.num_negatives,
             "max_score": cfg.max_score,
-            "pool_size": len(index),
+            "pool_size": pool_size,
             "query_embeddings": str(q_dir),
             "pool_embeddings": str(p_dir),
             "seconds": round(seconds, 2),

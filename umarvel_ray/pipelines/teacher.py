@@ -27,6 +27,7 @@ whose key differs; the final file is then assembled from the shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ import numpy as np
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
+from umarvel_ray.index.service import index_shards_option, shard_cpus_option
 from umarvel_ray.pipelines import decode
 from umarvel_ray.pipelines.embed import EmbedConfig, model_signature
 from umarvel_ray.pipelines.mine import (
@@ -124,6 +126,8 @@ class TeacherConfig:
     )
     index_backend: str = field(default="auto", metadata={"help": "auto | faiss | torch"})
     index_device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    index_shards: int = index_shards_option()
+    index_shard_cpus: float = shard_cpus_option()
     ray_progress_bars: bool = field(default=False, metadata={"help": "show Ray Data's own progress bars"})
     embed: EmbedConfig = field(
         default_factory=EmbedConfig,
@@ -403,6 +407,8 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
+    if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
+        raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")
     known = {t.name for t in mbeir.MBEIR_TASKS}
     unknown = sorted(set(cfg.task_weights) - known)
     if unknown:
@@ -446,17 +452,42 @@ def reranker_pixels(path: str, adapter: str | None) -> tuple[int, int]:
     return int(cfg.inputs.min_pixels), int(cfg.inputs.max_pixels)
 
 
+class LocalPool:
+    """Row filter of one task's local pool (`local_pool_mask` on a batch of the union pool's ids and
+    modalities); picklable, so search shard actors apply it to their slice of the store."""
+
+    def __init__(self, dataset_id: int, task_id: int) -> None:
+        self.dataset_id, self.task_id = int(dataset_id), int(task_id)
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        ids = batch.ids.tolist()
+        ds = np.fromiter((mbeir.split_id(d)[0] for d in ids), dtype=np.int64, count=len(ids))
+        return local_pool_mask(ds, np.asarray(batch.modalities).astype(str), self.dataset_id, self.task_id)
+
+
 def retrieve_local(
-    queries: list[QueryMeta], q_dir: Path, p_dir: Path, top_k: int, backend: str, device: str
+    queries: list[QueryMeta],
+    q_dir: Path,
+    p_dir: Path,
+    top_k: int,
+    backend: str,
+    device: str,
+    shards: int = 0,
+    shard_cpus: float = 1.0,
 ) -> tuple[list[_Query], list[str]]:
-    """Top-k of every query over its task's local pool; also the qids whose local pool is empty."""
+    """Top-k of every query over its task's local pool; also the qids whose local pool is empty.
+
+    `shards` > 0: the local pools are built by that many search actors from the store on disk
+    (`index.service`), so the driver reads the pool's ids and modalities but none of its vectors.
+    """
     from umarvel_ray.index import build_index
+    from umarvel_ray.index.service import SearchService
     from umarvel_ray.pipelines.embedstore import read_embeddings
 
     q_emb = read_embeddings(q_dir, columns=("id", "vector"))
     row_of = {qid: i for i, qid in enumerate(q_emb.ids.tolist())}
-    pool = read_embeddings(p_dir)
-    assert pool.vectors is not None and pool.modalities is not None and q_emb.vectors is not None
+    pool = read_embeddings(p_dir, columns=("id", "modality") if shards else ("id", "modality", "vector"))
+    assert pool.modalities is not None and q_emb.vectors is not None
     pool_ds = np.fromiter(
         (mbeir.split_id(d)[0] for d in pool.ids.tolist()), dtype=np.int64, count=len(pool.ids)
     )
@@ -467,18 +498,26 @@ def retrieve_local(
             by_task.setdefault((m.dataset_id, m.task_id), []).append(m)
     found: list[_Query] = []
     no_pool: list[str] = []
-    for (ds, task_id), metas in sorted(by_task.items()):
-        mask = local_pool_mask(pool_ds, pool_mod, ds, task_id)
-        if not mask.any():
-            no_pool += [m.qid for m in metas]
-            log.warning("task %s: empty local pool, %d queries skipped", metas[0].task, len(metas))
-            continue
-        index = build_index(pool.vectors[mask], pool.ids[mask], backend=backend, device=device)
-        k = min(top_k, int(mask.sum()))
-        scores, ids = index.search_arrays(q_emb.vectors[[row_of[m.qid] for m in metas]], k)
-        for m, s_row, i_row in zip(metas, scores, ids, strict=True):
-            found.append(_Query(m, [str(d) for d in i_row], [float(x) for x in s_row]))
-        log.info("task %s: %d queries, local pool %d, top-%d", metas[0].task, len(metas), int(mask.sum()), k)
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(SearchService(shards, shard_cpus, device=device)) if shards else None
+        for (ds, task_id), metas in sorted(by_task.items()):
+            mask = local_pool_mask(pool_ds, pool_mod, ds, task_id)
+            if not mask.any():
+                no_pool += [m.qid for m in metas]
+                log.warning("task %s: empty local pool, %d queries skipped", metas[0].task, len(metas))
+                continue
+            if service is None:
+                assert pool.vectors is not None
+                index: Any = build_index(pool.vectors[mask], pool.ids[mask], backend=backend, device=device)
+            else:
+                keep = LocalPool(ds, task_id)
+                index = service.build_from_embeddings(p_dir, row_filter=keep, backend=backend)
+            k = min(top_k, int(mask.sum()))
+            scores, ids = index.search_arrays(q_emb.vectors[[row_of[m.qid] for m in metas]], k)
+            for m, s_row, i_row in zip(metas, scores, ids, strict=True):
+                found.append(_Query(m, [str(d) for d in i_row], [float(x) for x in s_row]))
+            n_pool = int(mask.sum())
+            log.info("task %s: %d queries, local pool %d, top-%d", metas[0].task, len(metas), n_pool, k)
     found.sort(key=lambda q: qid_sort_key(q.meta.qid))
     return found, no_pool
 
@@ -636,7 +675,10 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     ensure_embeddings(cfg.embed, kind="candidate", input_path=pf, output_dir=p_dir, **common)
     ensure_embeddings(cfg.embed, kind="query", input_path=q_input, output_dir=q_dir, **common)
 
-    found, no_pool = retrieve_local(chosen, q_dir, p_dir, cfg.top_k, cfg.index_backend, cfg.index_device)
+    found, no_pool = retrieve_local(
+        chosen, q_dir, p_dir, cfg.top_k, cfg.index_backend, cfg.index_device,
+        cfg.index_shards, cfg.index_shard_cpus,
+    )  # fmt: skip
     not_embedded = len(chosen) - len(found) - len(no_pool)
 
     p_yes: dict[str, list[float | None]] = {}

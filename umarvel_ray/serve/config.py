@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from umarvel_ray.config import ConfigError, option
+from umarvel_ray.index.service import index_shards_option, shard_cpus_option
 
 
 @dataclass
@@ -100,6 +101,8 @@ class ServeConfig:
     pool: str = option("", "candidate pool jsonl (default: the embeddings manifest's input)", path="data")
     data_root: str = option("", "root of the pool's img_path (default: the manifest's)", path="cwd")
     text_rule: str | None = option(None, "uniir | none (default: the manifest's, else uniir)")
+    index_shards: int = index_shards_option()
+    index_shard_cpus: float = shard_cpus_option(0.25)  # fits the 2-core laptop like the replicas
     model_name: str = option("umarvel", "the name /v1/models and responses report")
     api_key: str | None = option(None, "bearer token required on every route but /healthz (null = open)")
     fusion_weight: float = option(1.0, "U-MARVEL+ rerank fusion: score = cos + w * P(Yes)")

@@ -114,15 +114,29 @@ class Retriever:
         app.state.retry_after_s = self.retry_after
         self.embed_pixels = tuple(sources["embed_pixels"])
         self.rerank_pixels = tuple(sources["rerank_pixels"])
-        self.index = load_index(sources["index"], device="cpu")
+        self.index: Any = None
+        if options.get("index_shards", 0) > 0:  # shard actors owned by (and dying with) this replica
+            from umarvel_ray.index.service import SearchService
+
+            self.index = SearchService(options["index_shards"], options["index_shard_cpus"], device="cpu")
+            self.index.load(sources["index"])
+            head = self.index.first_ids(1000)
+        else:
+            self.index = load_index(sources["index"], device="cpu")
+            head = self.index.ids[:1000]
         from pathlib import Path
 
         self.records = RecordStore(Path(sources["pool"]), Path(sources["data_root"]), sources["text_rule"])
         self.text_rule = sources["text_rule"]
-        missing = [i for i in self.index.ids[:1000] if i not in self.records]
+        missing = [i for i in head if i not in self.records]
         if missing:
             raise ValueError(f"index ids missing from the pool {sources['pool']}: {missing[:5]}")
         self.dim = self.index.dim
+
+    def __del__(self) -> None:  # Serve calls it on replica shutdown: the shard actors go with it
+        index = getattr(self, "index", None)
+        if index is not None:
+            index.close()
 
     # ------------------------------------------------------------------ plumbing
     def _auth(self, request: Request) -> None:
@@ -332,7 +346,10 @@ class Retriever:
         timings["embed"] = _ms(t0)
         t0 = time.perf_counter()
         depth = max(req.k, req.rerank_top_n) if req.rerank else req.k
-        scores, ids = self.index.search_arrays(v[None, :].astype(np.float32), depth)
+        if hasattr(self.index, "search_arrays_async"):  # shard actors: await them, do not block the loop
+            scores, ids = await self.index.search_arrays_async(v[None, :].astype(np.float32), depth)
+        else:
+            scores, ids = self.index.search_arrays(v[None, :].astype(np.float32), depth)
         hits = [(str(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i != ""]
         timings["search"] = _ms(t0)
         results: list[dict[str, Any]] = []
@@ -389,5 +406,7 @@ def ingress_options(sources: Any, cfg: Any) -> tuple[dict[str, Any], dict[str, A
         "api_key": cfg.api_key,
         "fusion_weight": cfg.fusion_weight,
         "retry_after_s": cfg.retry_after_s,
+        "index_shards": cfg.index_shards,
+        "index_shard_cpus": cfg.index_shard_cpus,
     }
     return asdict(sources), options
