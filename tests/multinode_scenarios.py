@@ -9,6 +9,8 @@ Scenarios:
 
 - `train`: a 2-worker Ray Train + DeepSpeed (gloo, CPU) stage-3 run on the tiny model; every node
   has 1 CPU and every worker asks for 1, so rank 0 and rank 1 must sit on different nodes.
+- `train_node_loss`: the same, with the worker node removed while its rank is held after step 3
+  and a new node added: Ray Train (max_failures=1) restarts both ranks from step 2's checkpoint.
 - `embed_node_loss`: `run_embedding` over both nodes (one embedder actor per node: Ray Data spreads
   its 2 actors of 1 CPU over the head's 3 CPUs and the worker's 2); after 2 committed shards the worker node
   is removed with everything on it. The job must finish, or a resubmission on the surviving head
@@ -101,28 +103,51 @@ def check(cond: bool, msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def recording_loop(log_dir: str) -> Callable[[dict[str, Any]], None]:
-    """The library's training loop, after writing where this rank runs (`rank<N>.json`)."""
+PAUSED = "paused"  # written by the rank that stops after PAUSE_AT_STEP on the node to be removed
+PAUSE_AT_STEP = 3
+
+
+def recording_loop(log_dir: str, pause_on_node: str | None) -> Callable[[dict[str, Any]], None]:
+    """The library's training loop, after recording where this rank runs (`rank<N>-<pid>.json`).
+
+    With `pause_on_node`, the rank on that node stops after step PAUSE_AT_STEP (step 2's
+    checkpoint is reported by then) and writes PAUSED, so the node is removed mid-run at a known
+    step whatever the machine's speed."""
 
     def loop(config: dict[str, Any]) -> None:
         import ray
         import ray.train
 
-        from umarvel_ray.train.loop import train_loop_per_worker
+        from umarvel_ray.train import loop as train_loop
 
         rank = ray.train.get_context().get_world_rank()
-        where = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-        (Path(log_dir) / f"rank{rank}.json").write_text(json.dumps(where))
-        train_loop_per_worker(config)
+        node = ray.get_runtime_context().get_node_id()
+        where = {"rank": rank, "node_id": node, "pid": os.getpid()}
+        (Path(log_dir) / f"rank{rank}-{os.getpid()}.json").write_text(json.dumps(where))
+        if node == pause_on_node:
+            report = train_loop.checkpoint_or_report
+
+            def report_then_pause(engine: Any, cfg: Any, step: int, *args: Any) -> None:
+                report(engine, cfg, step, *args)
+                if step == PAUSE_AT_STEP:
+                    (Path(log_dir) / PAUSED).write_text(str(os.getpid()))
+                    time.sleep(600)  # until the node goes
+
+            train_loop.checkpoint_or_report = report_then_pause
+        train_loop.train_loop_per_worker(config)
 
     return loop
 
 
-def scenario_train(model: Path, data: Path, work: Path) -> dict[str, Any]:
+def scenario_train(model: Path, data: Path, work: Path, node_loss: bool) -> dict[str, Any]:
+    """Two ranks, one per node. With `node_loss`, the worker node is removed while its rank is
+    paused after step 3 and a new node joins (as an autoscaler would replace it): Ray Train
+    restarts the group (max_failures=1) from the step-2 checkpoint and the run finishes."""
     from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
     from umarvel_ray.train.stages import TrainConfig
     from umarvel_ray.train.trainer import stage_done, torch_trainer
 
+    total = 4 if node_loss else 3
     cfg = TrainConfig(
         stage="stage3",
         run_dir=str(work / "run"),
@@ -136,34 +161,66 @@ def scenario_train(model: Path, data: Path, work: Path) -> dict[str, Any]:
         lr=1e-3,
         per_device_batch=4,
         max_examples=64,
-        max_steps=3,
+        max_steps=total,
         save_every=2,
         log_every=1,
         workers=2,
         cpus_per_worker=1,
-        max_failures=0,
+        max_failures=1 if node_loss else 0,
     )
     ranks_dir = work / "ranks"
     ranks_dir.mkdir(parents=True)
+    info: dict[str, Any] = {}
     with two_nodes(head_cpus=1, worker_cpus=1) as (cluster, worker):
-        result = torch_trainer(recording_loop(str(ranks_dir)), cfg, name=cfg.stage).fit()
-        check(getattr(result, "error", None) is None, f"training failed: {getattr(result, 'error', None)}")
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
-    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in ranks_dir.glob("rank*.json")}
-    check(sorted(ranks) == [0, 1], f"ranks recorded: {sorted(ranks)}")
-    nodes = {r: ranks[r]["node_id"] for r in ranks}
-    check(set(nodes.values()) == {head_id, worker_id}, f"ranks ran on {nodes}, nodes {head_id}, {worker_id}")
+
+        def replace_worker_node() -> dict[str, Any]:
+            cluster.remove_node(worker)
+            # A node registers exit hooks with signal.signal, which only the main thread may call
+            # (it runs fit()); this one goes without them: two_nodes' shutdown() still removes it.
+            cluster._shutdown_at_exit = False
+            new = cluster.add_node(
+                node_ip_address=LOOPBACK,
+                object_store_memory=OBJECT_STORE,
+                include_dashboard=False,
+                num_cpus=1,
+                resources={"worker_node": 1},
+            )
+            return {"new_node_id": new.node_id}
+
+        trigger = Trigger(ranks_dir / PAUSED, replace_worker_node, ready=lambda p: p.is_file())
+        if node_loss:
+            trigger.start()
+        loop = recording_loop(str(ranks_dir), worker_id if node_loss else None)
+        result = torch_trainer(loop, cfg, name=cfg.stage).fit()
+        trigger.stop.set()
+        check(getattr(result, "error", None) is None, f"training failed: {getattr(result, 'error', None)}")
+        if node_loss:
+            trigger.join(timeout=30)
+            if trigger.error is not None:
+                raise trigger.error
+            check(trigger.info is not None, "the worker node was never removed")
+            info = trigger.info
+    names = {head_id: "head", worker_id: "worker", info.get("new_node_id"): "new"}
+    runs = sorted((json.loads(p.read_text()) for p in ranks_dir.glob("rank*.json")), key=lambda r: r["pid"])
+    placed = sorted(names.get(r["node_id"], "?") for r in runs)
+    want = sorted(["head", "worker"] + (["head", "new"] if node_loss else []))
+    check(placed == want, f"ranks ran on {placed}, want {want}")
+    ranks = sorted(r["rank"] for r in runs)
+    check(ranks == sorted([0, 1] * (2 if node_loss else 1)), f"ranks started: {ranks}")
     check(stage_done(cfg), f"no merged model at {cfg.model_dir}")
     steps = [json.loads(line)["step"] for line in (cfg.stage_dir / STEPS_FILE).read_text().splitlines()]
-    check(steps == [1, 2, 3], f"steps logged: {steps}")
+    check(steps == ([1, 2, 3, 3, 4] if node_loss else [1, 2, 3]), f"steps logged: {steps}")
     summary = json.loads((cfg.stage_dir / SUMMARY_FILE).read_text())
-    check(summary["total_steps"] == 3, f"summary: {summary}")
+    check(summary["total_steps"] == total, f"summary: {summary}")
+    check(summary["resumed_at"] == (2 if node_loss else 0), f"summary: {summary}")
     ckpt = sorted((Path(cfg.run_dir) / "ray" / cfg.stage).glob("step_*"))[-1]
-    state = json.loads((ckpt / "global_step3" / "train_state.json").read_text())
-    check(state["world_size"] == 2 and state["global_step"] == 3, f"checkpoint state: {state}")
+    state = json.loads((ckpt / f"global_step{total}" / "train_state.json").read_text())
+    check(state["world_size"] == 2 and state["global_step"] == total, f"checkpoint state: {state}")
     return {
-        "rank_nodes": {str(r): "head" if n == head_id else "worker" for r, n in nodes.items()},
+        "rank_nodes": {str(r["rank"]) + "@" + str(r["pid"]): names.get(r["node_id"], "?") for r in runs},
         "steps": steps,
+        "resumed_at": summary["resumed_at"],
         "model_dir": str(cfg.model_dir),
         "checkpoint": ckpt.name,
     }
@@ -208,12 +265,19 @@ def embed_actors(node_id: str | None = None) -> list[dict[str, Any]]:
 
 
 class Trigger(threading.Thread):
-    """Runs `action` once, as soon as the job's progress file lists FIRE_AFTER_SHARDS committed
-    shards (the driver commits a shard the moment its last row arrives, so the rest is in flight)."""
+    """Runs `action` once, as soon as `ready(path)`; by default when the embedding job's progress
+    file lists FIRE_AFTER_SHARDS committed shards (the driver commits a shard the moment its last
+    row arrives, so the rest is in flight)."""
 
-    def __init__(self, progress: Path, action: Callable[[], dict[str, Any]]):
+    def __init__(
+        self,
+        progress: Path,
+        action: Callable[[], dict[str, Any]],
+        ready: Callable[[Path], bool] | None = None,
+    ):
         super().__init__(daemon=True)
         self.progress, self.action = progress, action
+        self.ready = ready or (lambda p: self.committed() >= FIRE_AFTER_SHARDS)
         self.stop = threading.Event()
         self.info: dict[str, Any] | None = None
         self.error: BaseException | None = None
@@ -221,15 +285,14 @@ class Trigger(threading.Thread):
     def committed(self) -> int:
         try:
             return len(json.loads(self.progress.read_text())["shards"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return 0
 
     def run(self) -> None:
         while not self.stop.is_set():
-            n = self.committed()
-            if n >= FIRE_AFTER_SHARDS:
+            if self.ready(self.progress):
                 try:
-                    self.info = {"committed_before": n, **self.action()}
+                    self.info = {"committed_before": self.committed(), **self.action()}
                 except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
                     self.error = exc
                 return
@@ -330,7 +393,9 @@ def scenario_embed(model: Path, data: Path, work: Path, fault: str) -> dict[str,
             restarts = state.actors(trigger.info["killed_actor"])["NumRestarts"]
             check(restarts >= 1, f"the killed actor was not restarted (NumRestarts={restarts})")
         alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        check(alive == sorted([head_id] if fault == "node" else [head_id, worker_id]), f"alive nodes: {alive}")
+        check(
+            alive == sorted([head_id] if fault == "node" else [head_id, worker_id]), f"alive nodes: {alive}"
+        )
     info = trigger.info
     check(
         info["committed_before"] <= n_shards - 5,
@@ -395,7 +460,15 @@ def check_embedding(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "scenario", choices=["train", "embed_node_loss", "embed_actor_kill", "embed_driver_kill", "embed_driver"]
+        "scenario",
+        choices=[
+            "train",
+            "train_node_loss",
+            "embed_node_loss",
+            "embed_actor_kill",
+            "embed_driver_kill",
+            "embed_driver",
+        ],
     )
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
@@ -409,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_embedding(embed_config(a.model, a.data, a.work))
         return 0
-    if a.scenario == "train":
-        res = scenario_train(a.model, a.data, a.work)
+    if a.scenario in ("train", "train_node_loss"):
+        res = scenario_train(a.model, a.data, a.work, node_loss=a.scenario == "train_node_loss")
     else:
         fault = {"embed_node_loss": "node", "embed_actor_kill": "actor", "embed_driver_kill": "driver"}
         res = scenario_embed(a.model, a.data, a.work, fault[a.scenario])

@@ -1,5 +1,6 @@
-"""Two Ray nodes on one machine: training with one worker per node, embedding through a node loss
-and through a killed actor (`tests/multinode_scenarios.py`).
+"""Two Ray nodes on one machine (`tests/multinode_scenarios.py`): training with one worker per
+node, with and without losing a node; embedding through a node loss, a killed actor and a killed
+driver (resubmitted).
 
 Each scenario runs in its own Python process (a driver joins one Ray cluster only, and the test
 session holds its own), under a hard timeout, and prints `RESULT <json>` last. Every process the
@@ -85,7 +86,17 @@ def run_scenario(name: str, model: Path, data: Path, work: Path) -> dict:
 def test_training_one_worker_per_node(tiny_model_dir, toy_mbeir_dir, tmp_path):
     res = run_scenario("train", tiny_model_dir, toy_mbeir_dir, tmp_path)
     assert sorted(res["rank_nodes"].values()) == ["head", "worker"]
-    assert res["steps"] == [1, 2, 3]
+    assert res["steps"] == [1, 2, 3] and res["resumed_at"] == 0
+    assert (Path(res["model_dir"]) / "config.json").is_file()
+
+
+def test_training_resumes_on_a_replacement_node(tiny_model_dir, toy_mbeir_dir, tmp_path):
+    res = run_scenario("train_node_loss", tiny_model_dir, toy_mbeir_dir, tmp_path)
+    # First group on head + worker; after the worker node went, the restarted group on head + new.
+    assert sorted(res["rank_nodes"].values()) == ["head", "head", "new", "worker"]
+    # Step 3 ran before the loss and again after the restart from step 2's checkpoint.
+    assert res["steps"] == [1, 2, 3, 3, 4] and res["resumed_at"] == 2
+    assert res["checkpoint"] == "step_00000004"
     assert (Path(res["model_dir"]) / "config.json").is_file()
 
 
