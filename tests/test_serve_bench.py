@@ -69,8 +69,13 @@ def test_best_ratio_none_when_batched_tail_is_always_worse():
 
 def test_table_rows():
     rows = table([{"route": "/v1/embed", "arm": "batched", "concurrency": 16, "requests": 10, "errors": 0,
-                   "qps": 123.456, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "mean_batch": 7.25}])  # fmt: skip
-    assert rows[0].startswith("| route |") and rows[-1] == "| /v1/embed | batched | 16 | 10 | 0 | 123.5 | 1.0 | 2.0 | 3.0 | 7.2 |"
+                   "qps": 123.456, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "mean_batch": 7.25,
+                   "cpu_ms": {"proxy": 6.0, "Retriever": 8.0, "Embedder": 6.5, "client": 1.0}}])  # fmt: skip
+    assert rows[0].startswith("| route |") and rows[0].count("|") == rows[1].count("|") == rows[-1].count("|")
+    assert rows[-1] == "| /v1/embed | batched | 16 | 10 | 0 | 123.5 | 1.0 | 2.0 | 3.0 | 7.2 | 21.5 | 6.5 |"
+    no_cpu = table([{"route": "/v1/embed", "arm": "unbatched", "concurrency": 1, "requests": 1, "errors": 0,
+                     "qps": 1.0, "p50_ms": 1, "p95_ms": 1, "p99_ms": 1, "mean_batch": None, "cpu_ms": {}}])  # fmt: skip
+    assert no_cpu[-1].endswith("| - | - | - |")
 
 
 def test_scaling_verdict():

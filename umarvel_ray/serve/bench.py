@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.serve import bench_cpu
+
 log = logging.getLogger("umarvel_ray.serve.bench")
 
 ROUTES = ("/v1/embed", "/v1/search")
@@ -188,17 +190,36 @@ def ratio_line(route: str, best: dict[str, Any] | None) -> str:
 def table(points: list[dict[str, Any]]) -> list[str]:
     """Markdown table of load points (route, arm, concurrency, summary, mean batch)."""
     out = [
-        "| route | arm | concurrency | requests | errors | QPS | p50 ms | p95 ms | p99 ms | mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| route | arm | concurrency | requests | errors | QPS | p50 ms | p95 ms | p99 ms | mean batch "
+        "| CPU ms/req | of it Embedder |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        mb = p.get("mean_batch")
+        mb, cpu = p.get("mean_batch"), p.get("cpu_ms") or {}
         out.append(
             f"| {p['route']} | {p['arm']} | {p['concurrency']} | {p['requests']} | {p['errors']} | "
             f"{p['qps']:.1f} | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | "
-            f"{'-' if mb is None else f'{mb:.1f}'} |"
+            f"{'-' if mb is None else f'{mb:.1f}'} | {f'{sum(cpu.values()):.1f}' if cpu else '-'} | "
+            f"{cpu.get(DEPLOYMENT, '-')} |"
         )
     return out
+
+
+def ceiling_line(route: str, unbatched: dict[int, dict[str, Any]]) -> str:
+    """The Amdahl bound on batching for `route`, from the unbatched arm's CPU split at its highest
+    concurrency (see `bench_cpu`)."""
+    if not unbatched:
+        return f"batching ceiling ({route}): not measured"
+    c = max(unbatched)
+    cpu = unbatched[c].get("cpu_ms") or {}
+    bound = bench_cpu.batching_ceiling(cpu, DEPLOYMENT)
+    if bound is None:
+        return f"batching ceiling ({route}): no CPU split (needs Linux /proc and an {DEPLOYMENT} replica)"
+    return (
+        f"batching ceiling ({route}): at most {bound['ceiling']:.2f}x on these cores: per request "
+        f"{bound['total_ms']:.1f} ms CPU ({bench_cpu.split_text(cpu)}; unbatched, concurrency {c}), "
+        f"{bound['outside_ms']:.1f} ms of it outside the {DEPLOYMENT}, which batching cannot share"
+    )
 
 
 def scaling_events(timeline: list[tuple[float, int]]) -> list[tuple[float, int]]:
@@ -496,9 +517,12 @@ async def measure_point(
         if warm["errors"]:
             raise RuntimeError(f"warm-up of {app} {route} failed: {warm['error_kinds']}")
         before = await asyncio.to_thread(batch_totals, app)
+        cpu_before = bench_cpu.snapshot(app)
         res = await drive(client, url, bodies, c, s.requests_per_point, s.seconds_per_point, start_index=c * 7)
+        cpu_after = bench_cpu.snapshot(app)
         after = await asyncio.to_thread(batch_totals, app)
     res.pop("finished_at_s")
+    res["cpu_ms"] = bench_cpu.per_request_ms(cpu_before, cpu_after, res["requests"])
     batches = after["batches"] - before["batches"]
     res["mean_batch"] = (after["items"] - before["items"]) / batches if batches else None
     return res
@@ -663,6 +687,8 @@ def run_bench(s: BenchSettings, work: Path) -> BenchResult:
         print("\n".join(["", *table(result.points), ""]))
         for route in ROUTES:
             print(ratio_line(route, result.ratios[route]))
+            unbatched = {p["concurrency"]: p for p in result.points if p["route"] == route and p["arm"] == "unbatched"}
+            print(ceiling_line(route, unbatched))
         if s.autoscale:
             serve.delete("bench_unbatched")
             auto = app_args(pool, s, s.batch_size, **autoscale_args(s))
