@@ -230,3 +230,28 @@ def test_id_hashes_are_consistent_and_checked_on_strings():
     with pytest.raises(ValueError, match="2 duplicate ids, e.g. \\['1:1', 'x+'\\]"):
         idm.check_unique(np.asarray(ids, object))
     idm.check_unique(np.asarray(ids[:6], object))
+
+
+def test_scale_bench_stand_in_and_synthetic_pool(tmp_path, tiny_model_dir):
+    """The bench's input plants the duplicates it checks for, and its stand-in keeps the model
+    stage's contract (the real `EmbedActor.__call__` over real decode groups), without a model."""
+    from umarvel_ray.pipelines import decode
+    from umarvel_ray.pipelines.embed import model_dim
+    from umarvel_ray.pipelines.scale_bench import StandInEmbedder, write_synthetic_pool
+
+    pool = tmp_path / "pool.jsonl"
+    assert write_synthetic_pool(pool, 2500) == 2
+    ids = [json.loads(line)["did"] for line in pool.read_text().splitlines()]
+    assert len(ids) == 2500 and len(set(ids)) == 2498 and ids[999] == ids[499]
+    index = decode.index_input(pool, shard_rows=1000, chunk_rows=300)
+    records = decode.chunk_records(index.shards[:1])
+    groups = decode.decode_chunks(
+        {k: np.asarray([r[k] for r in records]) for k in records[0]},
+        input_path=str(pool), kind="candidate", data_root=str(tmp_path), batch_size=128,
+        collate=False, model=str(tiny_model_dir),
+    )  # fmt: skip
+    out = StandInEmbedder(str(tiny_model_dir), "candidate", use_gpu=False)(groups)
+    dim = model_dim(tiny_model_dir)
+    assert out["vector"].shape == (1000, dim) and sorted(out["line"].tolist()) == list(range(1, 1001))
+    assert np.array_equal(out["vector"].argmax(1), out["line"] % dim) and (out["vector"].sum(1) == 1).all()
+    assert (out["reject_field"] == "").all() and out["id"][0] == "1:0"

@@ -54,7 +54,8 @@ class ShardCommitter:
     """Buffers rows per shard and commits each shard once all its rows have arrived.
 
     `seen` (None: duplicates are not checked) holds the ids of every committed shard; `cpu_s` is
-    the CPU time this bookkeeping took in the driver thread (seconds).
+    the CPU time this bookkeeping took in the driver thread (seconds); `peak_buffered` the most
+    rows held at once in incomplete shards (what bounds the driver's row memory).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class ShardCommitter:
         self.buffers = {i: _Buffer(s.rows_in) for i, s in specs.items()}
         self.committed = 0
         self.cpu_s = 0.0
+        self.buffered = self.peak_buffered = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         t0 = time.thread_time()
@@ -94,6 +96,8 @@ class ShardCommitter:
                 raise RuntimeError(f"row for shard {s} that is not pending")
             buf.parts.append({k: np.asarray(batch[k])[rows] for k in RESULT_COLUMNS})
             buf.received += len(rows)
+            self.buffered += len(rows)
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
             if buf.received > buf.expected:
                 raise RuntimeError(f"shard {s}: {buf.received} rows > expected {buf.expected}")
             if buf.received == buf.expected:
@@ -120,6 +124,7 @@ class ShardCommitter:
         from umarvel_ray.pipelines.embedstore import write_shard
 
         spec, buf = self.specs[s], self.buffers.pop(s)
+        self.buffered -= buf.received
         dim = self.state["dim"]
         cols = {
             k: np.concatenate([p[k] for p in buf.parts]) if buf.parts else np.zeros(0, object)

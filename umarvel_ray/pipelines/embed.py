@@ -160,6 +160,7 @@ class EmbedResult:
     first_result_s: float | None = None  # start -> first embedded batch at the driver (startup cost)
     rows_at_first_result: int = 0  # rows in that first batch
     bookkeeping_cpu_s: float = 0.0  # driver CPU of buffering, duplicate checks and commits
+    peak_buffered_rows: int = 0  # most rows the driver held at once in incomplete shards
 
     @property
     def rows_per_s_after_startup(self) -> float | None:
@@ -676,7 +677,7 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
     save_config(cfg, out)
     first_result_s: float | None = None
     first_rows = 0
-    bookkeeping_cpu_s = 0.0
+    bookkeeping_cpu_s, peak_buffered = 0.0, 0
     if pending:
         # The directory is incomplete from here on: progress file only, no manifest.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -696,7 +697,7 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
             first, first_rows = _run_ray(cfg, res, pending, committer, embed_stage)
             first_result_s = None if first is None else first - t0
         committer.commit_empty()
-        bookkeeping_cpu_s = committer.cpu_s
+        bookkeeping_cpu_s, peak_buffered = committer.cpu_s, committer.peak_buffered
         if committer.buffers:
             missing = {decode.shard_name(s): (b.received, b.expected) for s, b in committer.buffers.items()}
             raise RuntimeError(f"pipeline ended with incomplete shards (received, expected): {missing}")
@@ -729,6 +730,7 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
         first_result_s=first_result_s,
         rows_at_first_result=first_rows,
         bookkeeping_cpu_s=bookkeeping_cpu_s,
+        peak_buffered_rows=peak_buffered,
     )
 
 
