@@ -390,6 +390,7 @@ def test_rejects_accounting(candidate_run, data_root):
     assert "rows_in=17, rows_out=11, rows_rejected=6" in result.summary
     # the resumed run embedded something, so it knows when its first batch arrived
     assert 0 < result.first_result_s < result.seconds and 0 < result.rows_at_first_result <= n_rows
+    assert 0 < result.bookkeeping_cpu_s < result.seconds
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     lines = (data_root / "pool.jsonl").read_text().splitlines()
     assert len(rejects) == len(BAD_POOL)

@@ -15,7 +15,9 @@ sees every row anyway through `iter_batches`, knows each shard's expected row co
 pass, and can commit a shard atomically (rejects file, then parquet via tmp + rename, then the
 progress manifest) exactly when it is complete. Only incomplete shards are buffered, so driver
 memory is bounded by the rows in flight, not by the pool; the vectors that pass through the driver
-are small next to model compute (a 3584-d float32 vector is 14 KB per row). Ray Data's own
+are small next to model compute (a 3584-d float32 vector is 14 KB per row). The one per-row
+record that outlives a shard is the duplicate check's 12 B per kept id (`commit`, `dedup`: a
+numpy hash + shard number, no Python object per row). Ray Data's own
 row-id checkpointing (`DataContext.checkpoint_config`, beta) was not used: it needs a shared
 checkpoint path plus filter actors, and cannot give the fixed, verifiable per-shard layout below.
 
@@ -45,12 +47,20 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.decode import FIELDS, KINDS, InputIndex, ShardSpec
+from umarvel_ray.pipelines.commit import (
+    REJECTS_DIR,
+    RESULT_COLUMNS,
+    InjectedFailure,
+    ShardCommitter,
+    rejects_path,
+    write_json_atomic,
+)
+from umarvel_ray.pipelines.decode import KINDS, InputIndex, ShardSpec
+from umarvel_ray.pipelines.dedup import CommittedIds
 
 log = logging.getLogger("umarvel_ray.embed")
 
 PROGRESS_NAME = "_progress.json"
-REJECTS_DIR = "_rejects"
 REJECTS_NAME = "rejects.jsonl"
 FORMAT_VERSION = 1
 MAX_INPUT_BLOCKS = 4096
@@ -118,7 +128,8 @@ class EmbedConfig:
         },
     )
     check_duplicates: bool = field(
-        default=True, metadata={"help": "reject repeated ids (keeps one row per id; holds the ids in memory)"}
+        default=True,
+        metadata={"help": "reject repeated ids (keeps one row per id; 12 B of driver memory per kept id)"},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "discard an existing output made with other settings"}
@@ -148,6 +159,8 @@ class EmbedResult:
     summary: str = ""
     first_result_s: float | None = None  # start -> first embedded batch at the driver (startup cost)
     rows_at_first_result: int = 0  # rows in that first batch
+    bookkeeping_cpu_s: float = 0.0  # driver CPU of buffering, duplicate checks and commits
+    peak_buffered_rows: int = 0  # most rows the driver held at once in incomplete shards
 
     @property
     def rows_per_s_after_startup(self) -> float | None:
@@ -156,10 +169,6 @@ class EmbedResult:
         if self.first_result_s is None or self.seconds - self.first_result_s <= 0:
             return None
         return (self.rows_in - self.rows_at_first_result) / (self.seconds - self.first_result_s)
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by `fail_after_shards` to simulate a job killed part-way (tests)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +318,6 @@ def _settings(cfg: EmbedConfig, res: _Resolved, index: InputIndex) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _rejects_path(out: Path, spec_name: str) -> Path:
-    return out / REJECTS_DIR / spec_name.replace(".parquet", ".jsonl")
-
-
 def _verify_shard(out: Path, entry: dict[str, Any], spec: ShardSpec, dim: int | None) -> str | None:
     """None when a committed shard is intact and matches the index, else why it is not."""
     import pyarrow.parquet as pq
@@ -341,7 +340,7 @@ def _verify_shard(out: Path, entry: dict[str, Any], spec: ShardSpec, dim: int | 
         return f"shard has {n} rows, manifest says {entry['rows_out']}"
     if dim is not None and vdim != dim:
         return f"shard dim {vdim} != {dim}"
-    rej = _rejects_path(out, spec.name)
+    rej = rejects_path(out, spec.name)
     if not rej.is_file():
         return "rejects file missing"
     with rej.open("rb") as f:
@@ -408,9 +407,6 @@ def _remove_temp_files(out: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # The model stage
 # ---------------------------------------------------------------------------------------------
-
-RESULT_COLUMNS = ("shard", "line", "id", "modality", "reject_field", "reject_reason", "vector")
-
 
 def reject_non_finite(vectors: np.ndarray, meta: dict[str, np.ndarray]) -> int:
     """Reject (field "vector") every not yet rejected row whose vector has a NaN or an inf.
@@ -523,126 +519,6 @@ class EmbedActor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Driver side: shard buffers and commits
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Buffer:
-    expected: int
-    received: int = 0
-    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-
-class ShardCommitter:
-    """Buffers rows per shard and commits each shard once all its rows have arrived."""
-
-    def __init__(
-        self,
-        out: Path,
-        state: dict[str, Any],
-        specs: dict[int, ShardSpec],
-        input_path: Path,
-        kind: str,
-        seen: dict[str, int] | None,
-        progress_path: Path,
-        fail_after: int | None = None,
-    ):
-        self.out, self.state, self.specs = out, state, specs
-        self.input_path, self.kind = str(input_path), kind
-        self.seen, self.progress_path, self.fail_after = seen, progress_path, fail_after
-        self.buffers = {i: _Buffer(s.rows_in) for i, s in specs.items()}
-        self.committed = 0
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        got = np.asarray(batch["vector"]).shape[-1]
-        if got != self.state["dim"]:
-            raise RuntimeError(f"the model returned {got}-d vectors, its config says {self.state['dim']}")
-        shards = np.asarray(batch["shard"])
-        for s in np.unique(shards):
-            rows = np.flatnonzero(shards == s)
-            buf = self.buffers.get(int(s))
-            if buf is None:
-                raise RuntimeError(f"row for shard {s} that is not pending")
-            buf.parts.append({k: np.asarray(batch[k])[rows] for k in RESULT_COLUMNS})
-            buf.received += len(rows)
-            if buf.received > buf.expected:
-                raise RuntimeError(f"shard {s}: {buf.received} rows > expected {buf.expected}")
-            if buf.received == buf.expected:
-                self.commit(int(s))
-
-    def commit_empty(self) -> None:
-        """Shards with no rows at all (only blank lines) never receive a batch: commit them."""
-        for s, buf in list(self.buffers.items()):
-            if buf.expected == 0:
-                self.commit(s)
-
-    def commit(self, s: int) -> None:
-        from umarvel_ray.pipelines.embedstore import write_shard
-
-        spec, buf = self.specs[s], self.buffers.pop(s)
-        dim = self.state["dim"]
-        cols = {
-            k: np.concatenate([p[k] for p in buf.parts]) if buf.parts else np.zeros(0, object)
-            for k in RESULT_COLUMNS
-        }
-        order = np.argsort(cols["line"], kind="stable") if buf.parts else np.zeros(0, int)
-        cols = {k: v[order] for k, v in cols.items()}
-        id_key = FIELDS[self.kind][0]
-        rejects: list[dict[str, Any]] = []
-        keep: list[int] = []
-        first_line: dict[str, int] = {}
-        for i in range(len(order)):
-            rid, line = str(cols["id"][i]), int(cols["line"][i])
-            field_name, reason = str(cols["reject_field"][i]), str(cols["reject_reason"][i])
-            if not field_name and self.seen is not None:
-                if rid in first_line:
-                    field_name, reason = id_key, f"duplicate id {rid!r} (first at line {first_line[rid]})"
-                elif rid in self.seen:
-                    prev = decode.shard_name(self.seen[rid])
-                    field_name, reason = id_key, f"duplicate id {rid!r} (already embedded in {prev})"
-                else:
-                    first_line[rid] = line
-            if field_name:
-                rejects.append(
-                    {
-                        "id": rid or None,
-                        "file": self.input_path,
-                        "line": line,
-                        "field": field_name,
-                        "reason": reason,
-                    }
-                )
-            else:
-                keep.append(i)
-        rej_path = _rejects_path(self.out, spec.name)
-        rej_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-        os.replace(tmp, rej_path)
-        idx = np.asarray(keep, dtype=np.int64)
-        vectors = np.asarray(cols["vector"], dtype=np.float32).reshape(-1, dim)[idx]
-        path = write_shard(self.out / spec.name, cols["id"][idx].astype(str), cols["modality"][idx], vectors)
-        if self.seen is not None:
-            self.seen.update(dict.fromkeys(first_line, s))
-        self.state["shards"][spec.name] = {
-            "name": spec.name,
-            "index": spec.index,
-            "first_line": spec.first_line,
-            "last_line": spec.last_line,
-            "rows_in": spec.rows_in,
-            "rows_out": len(idx),
-            "rows_rejected": len(rejects),
-            "bytes": path.stat().st_size,
-        }
-        _write_json_atomic(self.progress_path, self.state)
-        self.committed += 1
-        log.debug("committed %s: %d rows, %d rejected", spec.name, len(idx), len(rejects))
-        if self.fail_after is not None and self.committed >= self.fail_after:
-            raise InjectedFailure(f"fail_after_shards={self.fail_after}: stopping after {spec.name}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -667,7 +543,9 @@ def model_overrides(cfg: EmbedConfig, res: _Resolved) -> dict[str, Any]:
     return out
 
 
-def build_dataset(cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], use_gpu: bool) -> Any:
+def build_dataset(
+    cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], use_gpu: bool, embed_stage: type | None = None
+) -> Any:
     """The lazy Ray Data pipeline over the pending shards (decode tasks -> embedder actors)."""
     import ray.data
 
@@ -707,7 +585,7 @@ def build_dataset(cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], us
     n_actors = cfg.num_actors or (max(1, int(cluster_gpus())) if use_gpu else 1)
     threads = cfg.torch_threads or (0 if use_gpu else max(1, int(cfg.actor_num_cpus)))
     return ds.map_batches(
-        EmbedActor,
+        embed_stage or EmbedActor,
         fn_constructor_kwargs={
             "model": str(res.model),
             "kind": cfg.kind,
@@ -738,7 +616,7 @@ def _finalize(
     tmp = out / f".{REJECTS_NAME}.tmp-{os.getpid()}"
     with tmp.open("wb") as f:
         for s in index.shards:
-            f.write(_rejects_path(out, s.name).read_bytes())
+            f.write(rejects_path(out, s.name).read_bytes())
     os.replace(tmp, out / REJECTS_NAME)
     settings = state["settings"]
     manifest = {
@@ -760,10 +638,13 @@ def _finalize(
     return manifest
 
 
-def run_embedding(cfg: EmbedConfig) -> EmbedResult:
-    """Embed `cfg.input` into `cfg.output_dir`, skipping shards an earlier run already finished."""
+def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedResult:
+    """Embed `cfg.input` into `cfg.output_dir`, skipping shards an earlier run already finished.
+
+    `embed_stage` replaces `EmbedActor` as the model stage (same constructor and batch contract);
+    only benchmarks of the pipeline itself use it (`scale_bench`'s named stand-in).
+    """
     require_absolute(cfg)
-    import pyarrow.parquet as pq
 
     from umarvel_ray.pipelines.embedstore import MANIFEST_NAME
     from umarvel_ray.progress import summary
@@ -804,16 +685,12 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
     save_config(cfg, out)
     first_result_s: float | None = None
     first_rows = 0
+    bookkeeping_cpu_s, peak_buffered = 0.0, 0
     if pending:
         # The directory is incomplete from here on: progress file only, no manifest.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
-        _write_json_atomic(out / PROGRESS_NAME, state)
-        seen: dict[str, int] | None = None
-        if cfg.check_duplicates:
-            seen = {}
-            for spec in done:
-                for rid in pq.read_table(out / spec.name, columns=["id"]).column("id").to_pylist():
-                    seen[rid] = spec.index
+        write_json_atomic(out / PROGRESS_NAME, state)
+        seen = CommittedIds.from_shards(out, [s.index for s in done]) if cfg.check_duplicates else None
         committer = ShardCommitter(
             out,
             state,
@@ -825,9 +702,10 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
             cfg.fail_after_shards,
         )
         if any(s.rows_in for s in pending):
-            first, first_rows = _run_ray(cfg, res, pending, committer)
+            first, first_rows = _run_ray(cfg, res, pending, committer, embed_stage)
             first_result_s = None if first is None else first - t0
         committer.commit_empty()
+        bookkeeping_cpu_s, peak_buffered = committer.cpu_s, committer.peak_buffered
         if committer.buffers:
             missing = {decode.shard_name(s): (b.received, b.expected) for s, b in committer.buffers.items()}
             raise RuntimeError(f"pipeline ended with incomplete shards (received, expected): {missing}")
@@ -859,11 +737,17 @@ def run_embedding(cfg: EmbedConfig) -> EmbedResult:
         summary=line,
         first_result_s=first_result_s,
         rows_at_first_result=first_rows,
+        bookkeeping_cpu_s=bookkeeping_cpu_s,
+        peak_buffered_rows=peak_buffered,
     )
 
 
 def _run_ray(
-    cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], committer: ShardCommitter
+    cfg: EmbedConfig,
+    res: _Resolved,
+    pending: list[ShardSpec],
+    committer: ShardCommitter,
+    embed_stage: type | None = None,
 ) -> tuple[float | None, int]:
     """Run the Ray Data pipeline over `pending`, feeding every result batch to `committer`.
 
@@ -884,7 +768,7 @@ def _run_ray(
     progress = Progress(f"embed {cfg.kind}", total=total, every_s=cfg.progress_every_s)
     first: float | None = None
     first_rows = 0
-    it = _iter_results(build_dataset(cfg, res, pending, use_gpu))
+    it = _iter_results(build_dataset(cfg, res, pending, use_gpu, embed_stage or EmbedActor))
     try:
         for batch in it:
             if first is None:
