@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.index.shard_worker import settled_rss_mb
+from umarvel_ray.procmem import settled_rss_mb
 
 log = logging.getLogger("umarvel_ray")
 

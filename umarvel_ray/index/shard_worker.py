@@ -7,9 +7,6 @@ spawn a thread per core.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import os
 import sys
 import time
@@ -19,28 +16,8 @@ from typing import Any
 import numpy as np
 
 from umarvel_ray.index.base import SearchIndex, base_path
-
-
-def rss_mb() -> float:
-    """This process's resident memory in MiB (Linux /proc; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # pragma: no cover - not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def settled_rss_mb() -> float:
-    """RSS after handing freed memory back (gc, Arrow's pool, glibc's malloc_trim): what an index
-    really holds, not what the allocators kept from reading parquet batches."""
-    gc.collect()
-    if "pyarrow" in sys.modules:
-        sys.modules["pyarrow"].default_memory_pool().release_unused()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS as it is
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return rss_mb()
+from umarvel_ray.index.ids import id_hashes as hash_ids
+from umarvel_ray.procmem import settled_rss_mb
 
 
 class IdSubset:
@@ -161,22 +138,16 @@ class ShardWorker:
     def id_hashes(self) -> np.ndarray:
         """Sorted uint64 hashes of this shard's ids (the cross-shard duplicate check)."""
         assert self.index is not None, "nothing built"
-        return np.sort(_hash_ids(self.index.ids))
+        return np.sort(hash_ids(self.index.ids))
 
     def ids_with_hashes(self, hashes: np.ndarray) -> list[str]:
         assert self.index is not None, "nothing built"
         ids = self.index.ids
-        return ids[np.isin(_hash_ids(ids), hashes)].tolist()
+        return ids[np.isin(hash_ids(ids), hashes)].tolist()
 
     def set_search_params(self, nprobe: int | None, ef_search: int | None) -> None:
         if self.index is not None and hasattr(self.index, "set_search_params"):
             self.index.set_search_params(nprobe=nprobe, ef_search=ef_search)  # type: ignore[attr-defined]
-
-
-def _hash_ids(ids: np.ndarray) -> np.ndarray:
-    import pandas as pd
-
-    return pd.util.hash_array(np.asarray(ids, dtype=object)).astype(np.uint64)
 
 
 def _node_id() -> str:

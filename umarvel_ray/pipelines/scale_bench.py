@@ -9,7 +9,7 @@ a synthetic text-only M-BEIR candidate pool ("<d>:<n>" ids) with one planted dup
 1,000 rows, so the duplicate path is exercised and checked (rows in = out + rejected).
 
 Each size runs in a fresh subprocess (its own local Ray, shut down at the end), so the driver's
-`ru_maxrss` is that size's peak alone. Reported per size: `peak_rss_mb` (driver peak),
+`peak_rss_mb` (VmHWM) is that size's peak alone. Reported per size: `peak_rss_mb` (driver peak),
 `base_rss_mb` (the same process just before `run_embedding`: imports and Ray start),
 `end_rss_mb` (after it), `peak_buffered_rows` (rows the driver held at once in incomplete
 shards),
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from umarvel_ray.pipelines.embed import EmbedActor, EmbedConfig, model_dim, run_embedding
+from umarvel_ray.procmem import peak_rss_mb, rss_mb
 
 DEFAULT_ROWS = (100_000, 1_000_000)
 QUICK_ROWS = (5_000, 50_000)
@@ -82,18 +83,6 @@ def write_synthetic_pool(path: Path, rows: int) -> int:
     return planted
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _rss_mb() -> float:
-    """Current RSS (Linux /proc; NaN elsewhere)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return float("nan")
-
-
 def measure_one(rows: int, workdir: Path, model_dir: Path) -> dict[str, Any]:
     """One size in this process (call it in a fresh one: peak RSS is per process)."""
     import ray
@@ -119,11 +108,11 @@ def measure_one(rows: int, workdir: Path, model_dir: Path) -> dict[str, Any]:
             progress_every_s=30.0,
             overwrite=True,
         )
-        base = _maxrss_mb()
+        base = peak_rss_mb()
         ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         result = run_embedding(cfg, embed_stage=StandInEmbedder)
         ru1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
-        end_rss = _rss_mb()
+        end_rss = rss_mb()
     finally:
         if started:
             ray.shutdown()
@@ -132,7 +121,7 @@ def measure_one(rows: int, workdir: Path, model_dir: Path) -> dict[str, Any]:
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     return {
         "rows": rows,
-        "peak_rss_mb": round(_maxrss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "base_rss_mb": round(base, 1),
         "cpu_us_per_row": round(cpu / rows * 1e6, 2),
         "bookkeeping_us_per_row": round(result.bookkeeping_cpu_s / rows * 1e6, 2),
