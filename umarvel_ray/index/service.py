@@ -42,7 +42,7 @@ from umarvel_ray.index.base import (
     base_path,
     merge_topk,
 )
-from umarvel_ray.index.shard_worker import IdSubset, ShardWorker, rss_mb, split_rows
+from umarvel_ray.index.shard_worker import IdSubset, ShardWorker, split_rows
 
 log = logging.getLogger("umarvel_ray")
 
@@ -363,6 +363,5 @@ __all__ = [
     "ShardWorker",
     "index_shards_option",
     "pool_index",
-    "rss_mb",
     "shard_cpus_option",
 ]
