@@ -105,8 +105,9 @@ def wait_ready(base: str, timeout_s: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def serve_app(args: dict[str, Any], name: str = "umarvel_test"):
-    """Deploy the app on the session's Ray over HTTP on 127.0.0.1; delete it and stop Serve after."""
+def serve_app(args: dict[str, Any], name: str = "umarvel_test", route_prefix: str = "/"):
+    """Deploy the app on the session's Ray over HTTP on 127.0.0.1; delete it and stop Serve after.
+    Yields the app's base URL (with the route prefix, no trailing slash)."""
     from ray import serve
 
     from umarvel_ray.serve.app import build, serve_config
@@ -114,8 +115,8 @@ def serve_app(args: dict[str, Any], name: str = "umarvel_test"):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build(serve_config(args)), name=name, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
+        serve.run(build(serve_config(args)), name=name, route_prefix=route_prefix, blocking=False)
+        base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
         wait_ready(base)
         yield base
     finally:

@@ -30,6 +30,7 @@ if CHROMIUM is None:
 
 INSTRUCTION = "Retrieve an image that matches the given caption."  # one of the page's options
 K = 8  # the page's default k
+PREFIX = "/umarvel"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def setup(tmp_path_factory, tiny_model_dir, toy_mbeir_dir):
 
 @pytest.fixture(scope="module")
 def base(ray_cluster, setup, tiny_model_dir):
-    with serve_app(small_args(tiny_model_dir, setup), name="umarvel_page") as url:
+    # Under a route prefix, as behind a shared gateway: the page, its API calls and its images
+    # must all stay under it (opened without the trailing slash, the harder case for relative URLs).
+    with serve_app(small_args(tiny_model_dir, setup), name="umarvel_page", route_prefix=PREFIX) as url:
         yield url
 
 
@@ -67,7 +70,7 @@ def page(browser, base):
     pg.outside, pg.errors = [], []
 
     def guard(route):
-        if route.request.url.startswith(base + "/"):
+        if route.request.url == base or route.request.url.startswith(base + "/"):
             route.continue_()
         else:
             pg.outside.append(route.request.url)
@@ -76,7 +79,7 @@ def page(browser, base):
     pg.route("**/*", guard)
     pg.on("console", lambda m: m.type == "error" and pg.errors.append(m.text))
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    pg.goto(base + "/")
+    pg.goto(base)
     yield pg
     ctx.close()
 
@@ -98,6 +101,7 @@ def _cards(pg):
             text: (c.querySelector('.text') || {}).textContent || null,
             score: c.querySelector('.score').textContent,
             img: c.querySelector('img') ? c.querySelector('img').complete && c.querySelector('img').naturalWidth : null,
+            src: c.querySelector('img') ? c.querySelector('img').getAttribute('src') : null,
         }))""",
     )
 
@@ -132,6 +136,7 @@ def test_typed_query_shows_its_known_results(page, setup, tmp_path):
         rec = next(r for r in setup["rows"] if r["did"] == c["id"])
         if rec.get("img_path"):
             assert c["img"] and c["img"] > 0, f"{c['id']}: image did not load"
+            assert c["src"] == f"{PREFIX}/v1/records/{c['id']}/image"
         if rec.get("txt"):
             assert c["text"] == rec["txt"]
     assert page.text_content("#timings").startswith("timings (ms): ")

@@ -102,3 +102,15 @@ def test_metrics_interval_reaches_the_autoscaling_config_only_when_set():
     assert "metrics_interval_s" not in serve_config({}).embedder.autoscaling_config()
     with pytest.raises(ConfigError, match="metrics_interval_s"):
         serve_config({"embedder.metrics_interval_s": 5, "embedder.look_back_period_s": 5})
+
+
+def test_page_base_follows_the_mount_point():
+    """The page's links resolve under the app's route prefix, with or without a trailing slash."""
+    from umarvel_ray.serve.page import render_page
+
+    assert '<base href="/">' in render_page("")
+    assert '<base href="/umarvel/">' in render_page("/umarvel")
+    assert '<base href="/umarvel/">' in render_page("/umarvel/")
+    assert '<base href="/a&quot;b/">' in render_page('/a"b')  # escaped, never breaks out of the tag
+    page = render_page("/umarvel")
+    assert 'fetch("v1/search"' in page and "{base}" not in page

@@ -52,6 +52,12 @@ def _request_id(request: Request) -> str:
     return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID, "")
 
 
+def _root(request: Request) -> str:
+    """The app's mount point under Serve's route prefix ("" at "/", "/umarvel" under that prefix):
+    record image URLs and the page's links are built on it."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
 def _error_response(request: Request, err: ApiError, retry_after: int = 1) -> JSONResponse:
     headers = {}
     if err.status in (429, 503):
@@ -197,10 +203,10 @@ class Retriever:
         if name and name != self.model_name:
             raise ApiError(404, f"model {name!r} not found; this server serves {self.model_name!r}", "model", "model_not_found")
 
-    def _record(self, rid: str) -> dict[str, Any]:
+    def _record(self, rid: str, root: str = "") -> dict[str, Any]:
         if rid not in self.records:
             raise ApiError(404, f"unknown record id {rid!r}", "id", "record_not_found")
-        return self.records.public(rid)
+        return self.records.public(rid, root)
 
     # ------------------------------------------------------------------ health and metadata
     def check_health(self) -> None:
@@ -272,11 +278,11 @@ class Retriever:
             query = schemas.Item(text=query)
         return model_item(query, self.limits, self.rerank_pixels, "query")
 
-    def _document(self, doc: Any, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _document(self, doc: Any, i: int, root: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
         """(model item, what return_documents echoes) for a string, an item or a pool id."""
         if isinstance(doc, schemas.PoolRef):
-            self._record(doc.id)
-            return self.records.model_item(doc.id, self.rerank_pixels), self.records.public(doc.id)
+            public = self._record(doc.id, root)
+            return self.records.model_item(doc.id, self.rerank_pixels), public
         if isinstance(doc, str):
             if not doc.strip():
                 raise ApiError(422, f"documents[{i}]: empty string", "documents")
@@ -304,7 +310,7 @@ class Retriever:
         if self.reranker is None:
             raise ApiError(501, "no reranker is configured (start the app with reranker_dir=...)")
         query = self._rerank_query(req.query)
-        docs = [self._document(d, i) for i, d in enumerate(req.documents)]
+        docs = [self._document(d, i, _root(request)) for i, d in enumerate(req.documents)]
         scores = await self._score([(query, item) for item, _ in docs])
         order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[: req.top_n or len(docs)]
         results = []
@@ -372,14 +378,14 @@ class Retriever:
         for rank, r in enumerate(results, start=1):
             r["rank"] = rank
             if req.return_records:
-                r["record"] = self.records.public(r["id"])
+                r["record"] = self.records.public(r["id"], _root(request))
         return {"id": _request_id(request), "model": self.model_name, "results": results, "timings_ms": timings}
 
     # ------------------------------------------------------------------ records
     @app.get("/v1/records/{rid}")
     async def record(self, rid: str, request: Request) -> dict[str, Any]:
         self._auth(request)
-        return self._record(rid)
+        return self._record(rid, _root(request))
 
     @app.get("/v1/records/{rid}/image")
     async def record_image(self, rid: str, request: Request) -> Response:
@@ -392,10 +398,10 @@ class Retriever:
         return Response(content=data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/")
-    async def page(self) -> HTMLResponse:
-        from umarvel_ray.serve.page import PAGE
+    async def page(self, request: Request) -> HTMLResponse:
+        from umarvel_ray.serve.page import render_page
 
-        return HTMLResponse(PAGE)
+        return HTMLResponse(render_page(_root(request)))
 
 
 def ingress_options(sources: Any, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,10 +2,14 @@
 
 It calls the same JSON API as any client: `/v1/search` with the typed text, a dropped image as a
 data URI, a task instruction and the rerank toggle, and shows the top-k as a grid with both scores.
+Its links are relative to a `<base>` at the app's mount point, so it works at `/` and under a
+Serve route prefix alike (with or without the trailing slash).
 """
 
+import html
+
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="en"><head><meta charset="utf-8"><base href="{base}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>umarvel-ray search</title>
 <style>
@@ -79,7 +83,7 @@ $("f").addEventListener("submit", async (e) => {
   for (const r of data.results) {
     const card = el("div", {class: "card", "data-id": r.id});
     card.appendChild(el("div", {}, "#" + r.rank + "  " + r.id));
-    if (r.record && r.record.image_url) card.appendChild(el("img", {src: r.record.image_url.replace(/^\\//, ""), alt: r.id}));
+    if (r.record && r.record.image_url) card.appendChild(el("img", {src: r.record.image_url, alt: r.id}));
     if (r.record && r.record.text) card.appendChild(el("div", {class: "text"}, r.record.text));
     let s = "cos " + r.retrieval_score.toFixed(4);
     if (r.rerank_score !== undefined) s += "  P(yes) " + r.rerank_score.toFixed(4) + "  fused " + r.score.toFixed(4);
@@ -90,3 +94,8 @@ $("f").addEventListener("submit", async (e) => {
 });
 </script></body></html>
 """
+
+
+def render_page(root: str = "") -> str:
+    """The page for an app mounted at `root` ("" or a route prefix such as "/umarvel")."""
+    return PAGE.replace("{base}", html.escape(root.rstrip("/") + "/", quote=True), 1)
