@@ -250,6 +250,16 @@ def write_input(data: Path, path: Path) -> tuple[list[str], list[tuple[int, str]
     return [r["did"] for r in rows], [(at + 1, bad[at][1]) for at in sorted(bad)]
 
 
+ACTOR_CPUS = 2  # per embedder actor in the embed scenarios
+
+
+class Reserve:
+    """Holds CPUs on the head until the fault (see `scenario_embed`)."""
+
+    def ready(self) -> bool:
+        return True
+
+
 def embed_actors(node_id: str | None = None) -> list[dict[str, Any]]:
     """Alive Ray Data map workers (the embedder actor pool), from the GCS actor table."""
     import ray._private.state as state
@@ -312,7 +322,7 @@ def embed_config(model: Path, data: Path, work: Path) -> Any:
         chunk_rows=5,
         batch_size=4,
         num_actors=2,
-        actor_num_cpus=1.0,
+        actor_num_cpus=float(ACTOR_CPUS),
         decode_num_cpus=0.5,
         decode_memory_mb=256,
         max_decode_tasks=2,
@@ -349,14 +359,22 @@ def scenario_embed(model: Path, data: Path, work: Path, fault: str) -> dict[str,
     cfg = embed_config(model, data, work)
     n_shards = -(-(len(valid_ids) + len(bad)) // SHARD_ROWS)
     attempts: list[str] = []
-    # The head must hold both actors (1 CPU each) plus a decode task (0.5) once the worker node is
-    # gone: with 2 CPUs the restarted actor took the last CPU and the decode tasks that rebuild the
-    # lost blocks never ran (the job waited forever). Ray Data spreads the 2 actors over the nodes.
-    with two_nodes(head_cpus=3, worker_cpus=2) as (cluster, worker):
+    # One embedder actor per node, by resources rather than by Ray Data's best-effort spreading
+    # (which once put both on the head): each node has room for one actor (2 CPUs) and the decode
+    # tasks, not for two, because a reserve actor holds half the head. The fault first frees the
+    # reserve, as a cluster with spare capacity would have it: after the worker node is gone the
+    # head must hold both actors plus a decode task (with no room, the restarted actor took the
+    # last CPUs, the decode tasks that rebuild the lost blocks never ran, and the job waited forever).
+    with two_nodes(head_cpus=2 * ACTOR_CPUS + 2, worker_cpus=ACTOR_CPUS + 1) as (cluster, worker):
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
         child = None
+        reserve = (
+            ray.remote(num_cpus=ACTOR_CPUS + 1, resources={"head_node": 0.01})(Reserve).remote()
+        )
+        ray.get(reserve.ready.remote(), timeout=60)
 
         def inject() -> dict[str, Any]:
+            ray.kill(reserve)
             on_worker = embed_actors(worker_id)
             check(len(on_worker) == 1, f"want 1 embedder actor on the worker node, got {len(on_worker)}")
             if fault == "node":
