@@ -100,17 +100,28 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+    from umarvel_ray.train.loop import init_distributed
+
+    assert init_distributed(use_gpu=False)[:2] == (world, rank)
+    try:
+        _run_cases(rank, world, out_dir)
+    finally:
+        # Torn down explicitly, as tests/test_losses.py does: CI once saw rank 0 abort with
+        # "terminate called without an active exception", the mark of a C++ thread (gloo's)
+        # destroyed while still joinable, which a group left to interpreter exit can cause.
+        torch.distributed.destroy_process_group()
+
+
+def _run_cases(rank: int, world: int, out_dir: str) -> None:
     from umarvel_ray.train.loop import (
         TrainModule,
         deepspeed_config,
         import_deepspeed,
-        init_distributed,
         lr_lambda,
         make_loss_fn,
         train_step,
     )
 
-    assert init_distributed(use_gpu=False)[:2] == (world, rank)
     ds = import_deepspeed()
     d, per = _data(), N // world
     results = {}
