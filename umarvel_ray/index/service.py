@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,10 @@ class SearchService:
         """Kill the shard actors (idempotent); shuts down a Ray this service itself started."""
         import ray
 
-        for a in getattr(self, "actors", []):
+        actors = list(getattr(self, "actors", []))
+        for a in actors:
             ray.kill(a, no_restart=True)
+        _wait_dead(actors)
         self.actors = []
         self.infos = []
         if getattr(self, "_started_ray", False) and ray.is_initialized():
@@ -354,6 +357,24 @@ class SearchService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_dead(actors: list[Any], timeout_s: float = 30.0) -> None:
+    """Return once every killed actor refuses calls (its CPUs are back), or after `timeout_s`.
+
+    `ray.kill` only sends the request: a call made right after it can still be served (CI saw
+    one), so a caller that relies on the actors being gone would race without this wait.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for a in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)
 
 
 __all__ = [
