@@ -13,4 +13,4 @@ TEMP_DIR=${RAY_TEMP_DIR:-/tmp/umarvel_ray_head}
     --dashboard-agent-listen-port="${AGENT_PORT:-52365}" \
     --num-cpus="${NUM_CPUS:-2}" --object-store-memory="${OBJECT_STORE_BYTES:-500000000}" \
     --temp-dir="$TEMP_DIR" --disable-usage-stats
-echo "submit with: ray job submit --address http://127.0.0.1:${DASHBOARD_PORT:-8265} --working-dir . -- python jobs/pipeline.py --config jobs/configs/toy.yaml"
+echo "submit with: ray job submit --address http://127.0.0.1:${DASHBOARD_PORT:-8265} --working-dir . -- python jobs/recipe.py --config jobs/configs/toy.yaml"

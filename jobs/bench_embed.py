@@ -167,7 +167,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, str, dict[
     if args.data:
         src_root = Path(args.data)
     else:
-        from umarvel_ray.data.toy import Preset, make_toy_mbeir
+        from umarvel_ray.data.toy.builder import Preset, make_toy_mbeir
 
         t = time.perf_counter()
         preset = Preset(**QUICK_PRESET) if args.quick else None
@@ -217,7 +217,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, str, dict[
 
 def run_pipeline(root: Path, rel: str, model: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One `run_embedding` call, timed end to end by the pipeline itself."""
-    from umarvel_ray.pipelines.embed import EmbedConfig, run_embedding
+    from umarvel_ray.embed.run import EmbedConfig, run_embedding
 
     cfg = EmbedConfig(
         input=rel,
@@ -250,7 +250,7 @@ def run_pipeline(root: Path, rel: str, model: Path, out: Path, args: argparse.Na
 
 def _parse_rows(root: Path, rel: str, budget: tuple[int, int]) -> list[tuple[str, str, dict]]:
     """(id, modality, item with decoded image) for every valid row, with the pipeline's parser."""
-    from umarvel_ray.pipelines import decode
+    from umarvel_ray.embed import decode
 
     out = []
     for raw in (root / rel).read_bytes().split(b"\n"):
@@ -283,9 +283,9 @@ def run_naive(
     """
     import torch
 
+    from umarvel_ray.embed import decode
     from umarvel_ray.model.embedder import Embedder
-    from umarvel_ray.pipelines import decode
-    from umarvel_ray.pipelines.embedstore import write_shard
+    from umarvel_ray.store import write_shard
 
     t0 = time.perf_counter()
     emb = Embedder.load(model, cfg_overrides=_overrides(budget, compact))
@@ -393,7 +393,7 @@ def _arm_facts(arm: dict[str, Any]) -> dict[str, Any]:
 
 def _groups(root: Path, rel: str, collator_model: Path, args: argparse.Namespace, budget: tuple[int, int]) -> list:
     """(meta, payload) blobs of every group, made by the pipeline's CPU stage function."""
-    from umarvel_ray.pipelines import decode
+    from umarvel_ray.embed import decode
 
     index = decode.index_input(root / rel, args.shard_rows, args.chunk_rows or 64)
     out = []
@@ -418,11 +418,11 @@ def run_actor_loop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """`--no-ray`: EmbedActor.__call__ vs forward alone over the same groups (see the module doc)."""
     import torch
 
+    from umarvel_ray.embed import decode
+    from umarvel_ray.embed.run import EmbedActor, model_pixel_budget
     from umarvel_ray.model.backbone import resolve_dtype
     from umarvel_ray.model.embedder import Embedder
     from umarvel_ray.model.tiny import make_tiny_qwen2vl
-    from umarvel_ray.pipelines import decode
-    from umarvel_ray.pipelines.embed import EmbedActor, model_pixel_budget
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             from umarvel_ray.model.tiny import make_tiny_qwen2vl
 
             model = make_tiny_qwen2vl(work / "tiny_model", seed=0)
-        from umarvel_ray.pipelines.embed import model_pixel_budget
+        from umarvel_ray.embed.run import model_pixel_budget
 
         model_budget = model_pixel_budget(model)
         budget = (args.min_pixels or model_budget[0], args.max_pixels or model_budget[1])
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.data.range(4).map_batches(lambda b: b).take_all()
         pipe = run_pipeline(root, rel, model, work / "out_pipeline", args)
 
-        from umarvel_ray.pipelines.embedstore import read_embeddings
+        from umarvel_ray.store import read_embeddings
 
         emb = read_embeddings(work / "out_pipeline")
         pos = {rid: i for i, rid in enumerate(emb.ids)}

@@ -11,7 +11,7 @@ ms per query, bytes per vector and the memory of each shard, equality with the o
 shards per H100/H200, queries/s). Logic and method: umarvel_ray/index/scale_bench.py.
 
 bookkeeping: the embedding driver's peak RSS and CPU per row at two row counts, with a no-cost
-stand-in embedder (umarvel_ray.pipelines.scale_bench.measure_bookkeeping).
+stand-in embedder (umarvel_ray.embed.scale_bench.measure_bookkeeping).
 
 Goals (issue #14): 2 shard actors within 1.3x of one process's time per query at equal recall,
 memory split linearly; driver RSS at 1M rows within 1.2x of 100k rows.
@@ -69,7 +69,7 @@ def search_section(args: argparse.Namespace) -> None:
 
 
 def bookkeeping_section(args: argparse.Namespace) -> None:
-    from umarvel_ray.pipelines.scale_bench import format_table, measure_bookkeeping
+    from umarvel_ray.embed.scale_bench import format_table, measure_bookkeeping
 
     results = measure_bookkeeping(quick=args.quick)  # 100k and 1M rows (quick: 5k and 50k)
     print("embedding bookkeeping (no-cost stand-in embedder: measures the driver, not a model)", flush=True)

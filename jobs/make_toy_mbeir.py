@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from umarvel_ray.data.toy import INFO_FILE, make_toy_mbeir
+    from umarvel_ray.data.toy.builder import INFO_FILE, make_toy_mbeir
     from umarvel_ray.progress import setup_logging, summary
 
     setup_logging()

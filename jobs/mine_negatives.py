@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.pipelines.mine import MineConfig, run_mining
+from umarvel_ray.mine.mine import MineConfig, run_mining
 
 
 def main(argv: list[str] | None = None) -> int:

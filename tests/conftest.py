@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_mbeir_dir(tmp_path_factory):
     """The small toy M-BEIR benchmark, generated once per session (read-only for tests)."""
-    from umarvel_ray.data.toy import make_toy_mbeir
+    from umarvel_ray.data.toy.builder import make_toy_mbeir
 
     return make_toy_mbeir(tmp_path_factory.mktemp("toy_mbeir"), size="small", seed=0)
 

@@ -153,7 +153,7 @@ def parse_job(script: Path, args: list[str]) -> Any:
 
 def entrypoint_configs(entrypoint: str, where: str) -> tuple[str, list[Any]]:
     """(job script name, resolved configs) of `python jobs/X.py ARGS`; train.py gives its stage
-    configs, pipeline.py the recipe config."""
+    configs, recipe.py the recipe config."""
     argv = shlex.split(entrypoint)
     assert len(argv) >= 2 and argv[0] == "python", f"{where}: entrypoint {entrypoint!r} is not `python jobs/X.py ...`"
     script = ROOT / argv[1]
@@ -196,7 +196,7 @@ def gpu_groups(cluster: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _trainers(script: str, cfgs: list[Any]) -> list[Any]:
-    if script == "pipeline.py":
+    if script == "recipe.py":
         (recipe,) = cfgs
         return [*stage_configs(recipe), *([recipe.reranker] if "reranker" in recipe.steps else [])]
     return cfgs if script in ("train.py", "train_reranker.py") else []
@@ -209,7 +209,7 @@ def _actors(script: str, cfgs: list[Any]) -> list[Any]:
         "mine_negatives.py": lambda: [cfg.embed],
         "teacher_scores.py": lambda: [cfg, cfg.embed],
         "evaluate.py": lambda: [cfg],
-        "pipeline.py": lambda: [cfg.eval, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
+        "recipe.py": lambda: [cfg.eval, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
     }.get(script, lambda: [])()
 
 
@@ -281,8 +281,8 @@ def check_job(doc: dict[str, Any], where: str) -> tuple[str, list[Any]]:
     check_requirements([f'"{p}"' for p in env.get("pip", [])], where)
     script, cfgs = entrypoint_configs(spec["entrypoint"], where)
     check_job_resources(spec, script, cfgs, where)
-    values = [v for c in (stage_configs(cfgs[0]) if script == "pipeline.py" else cfgs) for v in path_values(c)]
-    if script == "pipeline.py":
+    values = [v for c in (stage_configs(cfgs[0]) if script == "recipe.py" else cfgs) for v in path_values(c)]
+    if script == "recipe.py":
         values += path_values(cfgs[0])
     check_paths_mounted(values, spec["rayClusterSpec"], where)
     return script, cfgs

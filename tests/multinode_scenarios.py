@@ -311,7 +311,7 @@ class Trigger(threading.Thread):
 
 def embed_config(model: Path, data: Path, work: Path) -> Any:
     """The embedding job of every embed scenario (the killed driver's and its resubmission's)."""
-    from umarvel_ray.pipelines.embed import EmbedConfig
+    from umarvel_ray.embed.run import EmbedConfig
 
     return EmbedConfig(
         input=str(work / "pool.jsonl"),
@@ -334,7 +334,7 @@ def embed_config(model: Path, data: Path, work: Path) -> Any:
 
 def attempt_runs(cfg: Any, attempts: list[str], tries: int) -> Any:
     """`run_embedding`, resubmitted on failure up to `tries` runs in all; None if none completed."""
-    from umarvel_ray.pipelines.embed import run_embedding
+    from umarvel_ray.embed.run import run_embedding
 
     for attempt in range(tries):
         try:
@@ -353,7 +353,7 @@ def scenario_embed(model: Path, data: Path, work: Path, fault: str) -> dict[str,
     import ray
     import ray._private.state as state
 
-    from umarvel_ray.pipelines.embed import PROGRESS_NAME
+    from umarvel_ray.embed.run import PROGRESS_NAME
 
     valid_ids, bad = write_input(data, work / "pool.jsonl")
     cfg = embed_config(model, data, work)
@@ -439,7 +439,7 @@ def check_embedding(
     from umarvel_ray.data import mbeir
     from umarvel_ray.data.images import load_image
     from umarvel_ray.model.embedder import Embedder
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     emb = read_embeddings(out)
     ids = [str(i) for i in emb.ids]
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if a.scenario == "embed_driver":  # the driver `embed_driver_kill` kills: joins RAY_ADDRESS
-        from umarvel_ray.pipelines.embed import run_embedding
+        from umarvel_ray.embed.run import run_embedding
 
         run_embedding(embed_config(a.model, a.data, a.work))
         return 0

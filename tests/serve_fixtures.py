@@ -28,7 +28,7 @@ def build_pool(out: Path, model_dir: Path, data_root: Path) -> dict[str, Any]:
     from umarvel_ray.data.mbeir import candidate_item, read_pool
     from umarvel_ray.index import build_index
     from umarvel_ray.model.embedder import Embedder
-    from umarvel_ray.pipelines.embedstore import shard_name, write_manifest, write_shard
+    from umarvel_ray.store import shard_name, write_manifest, write_shard
 
     out.mkdir(parents=True, exist_ok=True)
     lines = (data_root / POOL_FILE).read_text().splitlines()[:POOL_ROWS]
@@ -49,7 +49,7 @@ def build_pool(out: Path, model_dir: Path, data_root: Path) -> dict[str, Any]:
     write_shard(emb_dir / shard_name(0), ids, [r["modality"] for r in rows], vecs)
     write_manifest(
         emb_dir,
-        {  # the shape pipelines/embed.py writes: what the job ran with sits under "settings"
+        {  # the shape embed/run.py writes: what the job ran with sits under "settings"
             "input": str(pool),
             "dim": int(vecs.shape[1]),
             "settings": {"input": str(pool), "data_root": str(data_root), "text_rule": "uniir"},

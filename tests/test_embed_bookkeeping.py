@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from umarvel_ray.data.mbeir import did_to_int, int_to_did
+from umarvel_ray.embed import dedup
+from umarvel_ray.embed.commit import ShardCommitter, rejects_path
+from umarvel_ray.embed.decode import ShardSpec, shard_name
+from umarvel_ray.embed.dedup import CommittedIds
 from umarvel_ray.index import ids as idm
-from umarvel_ray.pipelines import dedup
-from umarvel_ray.pipelines.commit import ShardCommitter, rejects_path
-from umarvel_ray.pipelines.decode import ShardSpec, shard_name
-from umarvel_ray.pipelines.dedup import CommittedIds
 
 DIM = 4
 INPUT = "/data/pool.jsonl"
@@ -235,9 +235,9 @@ def test_id_hashes_are_consistent_and_checked_on_strings():
 def test_scale_bench_stand_in_and_synthetic_pool(tmp_path, tiny_model_dir):
     """The bench's input plants the duplicates it checks for, and its stand-in keeps the model
     stage's contract (the real `EmbedActor.__call__` over real decode groups), without a model."""
-    from umarvel_ray.pipelines import decode
-    from umarvel_ray.pipelines.embed import model_dim
-    from umarvel_ray.pipelines.scale_bench import StandInEmbedder, write_synthetic_pool
+    from umarvel_ray.embed import decode
+    from umarvel_ray.embed.run import model_dim
+    from umarvel_ray.embed.scale_bench import StandInEmbedder, write_synthetic_pool
 
     pool = tmp_path / "pool.jsonl"
     assert write_synthetic_pool(pool, 2500) == 2

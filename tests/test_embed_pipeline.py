@@ -21,15 +21,15 @@ from PIL import Image
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.images import load_image
-from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.embed import (
+from umarvel_ray.embed import decode
+from umarvel_ray.embed.run import (
     EmbedConfig,
     EmbedResult,
     InjectedFailure,
     run_embedding,
     validate_config,
 )
-from umarvel_ray.pipelines.embedstore import read_embeddings
+from umarvel_ray.store import read_embeddings
 
 SHARD_ROWS = 5
 

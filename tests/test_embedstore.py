@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from umarvel_ray.pipelines.embedstore import (
+from umarvel_ray.store import (
     count_rows,
     embedding_dim,
     iter_embedding_batches,

@@ -31,7 +31,7 @@ from umarvel_ray.eval.evaluate import (
 )
 from umarvel_ray.eval.report import read_trec_run, run_path
 from umarvel_ray.index import load_index
-from umarvel_ray.pipelines.embedstore import shard_name, write_manifest, write_shard
+from umarvel_ray.store import shard_name, write_manifest, write_shard
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 MINI_TASKS = ["mscoco_task0", "webqa_task1", "nights_task4"]  # t->i, t->t, i->i

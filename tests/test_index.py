@@ -21,7 +21,7 @@ from umarvel_ray.index import (
 )
 from umarvel_ray.index.faiss_index import require_faiss, resolve_factory
 from umarvel_ray.index.search import choose_backend
-from umarvel_ray.pipelines.embedstore import shard_name, write_shard
+from umarvel_ray.store import shard_name, write_shard
 
 
 def brute_force(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import mbeir
-from umarvel_ray.pipelines.embed import EmbedConfig
-from umarvel_ray.pipelines.mine import MineConfig, pad_repeat, read_negatives, run_mining, select_negatives
+from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.mine.mine import MineConfig, pad_repeat, read_negatives, run_mining, select_negatives
 
 # ---------------------------------------------------------------------------------------------
 # select_negatives (pure)
@@ -215,7 +215,7 @@ def _pool_records(path: Path) -> dict[str, dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_mining_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, tmp_path):
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     toy = Path(toy_mbeir_dir)
     queries = {q["qid"]: q for q in map(json.loads, shared["queries"].read_text().splitlines())}
@@ -313,7 +313,7 @@ def _job_main(name: str):
 
 def test_config_errors(toy_mbeir_dir, tmp_path):
     from umarvel_ray.config import ConfigError
-    from umarvel_ray.pipelines.mine import validate_config
+    from umarvel_ray.mine.mine import validate_config
 
     ok = {"data_root": str(toy_mbeir_dir), "output_dir": str(tmp_path)}
     validate_config(MineConfig(**ok))

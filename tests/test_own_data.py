@@ -230,7 +230,7 @@ def test_stages_4_5_without_their_mined_files_stop_before_any_work(user, monkeyp
     base = [f"data_root={user['out']}", f"run_dir={run}", "model=Qwen/Qwen2-VL-7B-Instruct"]
     assert job.main([*base, "stages=[stage3,stage4,stage5]"]) == 2
     assert f"{run}/negatives/negatives.jsonl" in caplog.text and "jobs/mine_negatives.py" in caplog.text
-    assert "jobs/pipeline.py" in caplog.text
+    assert "jobs/recipe.py" in caplog.text
     caplog.clear()
     assert job.main([*base, "stages=[stage3,stage5]"]) == 2
     assert f"{run}/teacher/teacher.jsonl" in caplog.text and "jobs/teacher_scores.py" in caplog.text
@@ -285,8 +285,8 @@ def _serve_the_evaluation(out: Path, model: Path, ev: Path) -> None:
     import requests
     from serve_fixtures import serve_app, small_args
 
+    from umarvel_ray.embed.decode import query_rng
     from umarvel_ray.eval.report import read_trec_run, run_path
-    from umarvel_ray.pipelines.decode import query_rng
 
     index_dir, emb_dir = ev / "index" / "global", ev / "embeddings" / "pool-global"
     # Without a union file the global pool is the merged local pools the evaluation wrote.

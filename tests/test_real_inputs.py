@@ -16,6 +16,8 @@ from bad_inputs import CASES, Q0, make_cases
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import jsonl, mbeir
 from umarvel_ray.data.validate import validate_dir
+from umarvel_ray.embed import decode
+from umarvel_ray.embed.run import reject_non_finite
 from umarvel_ray.eval.evaluate import (
     EmbeddingSet,
     EvalConfig,
@@ -30,11 +32,9 @@ from umarvel_ray.eval.evaluate import (
 from umarvel_ray.index import NonFiniteVectorError, build_index
 from umarvel_ray.index.factory import factory_for_pool, min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
-from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.embed import reject_non_finite
-from umarvel_ray.pipelines.embedstore import read_embeddings, shard_name, write_manifest, write_shard
-from umarvel_ray.pipelines.mine import read_query_meta
-from umarvel_ray.pipelines.teacher import scan_offsets
+from umarvel_ray.mine.mine import read_query_meta
+from umarvel_ray.store import read_embeddings, shard_name, write_manifest, write_shard
+from umarvel_ray.teacher.teacher import scan_offsets
 
 P3 = "cand_pool/local/mbeir_mscoco_task3_cand_pool.jsonl"
 Q0_IDS = ["9:0", "9:1", "9:2"]
@@ -353,7 +353,7 @@ def test_evaluate_reads_all_rows_and_small_pools_fall_back(case, cases, ray_clus
 
 @pytest.mark.ray
 def test_id_newline_refused_before_embedding_and_rejected_by_embed(cases, ray_cluster, tiny_model_dir, tmp_path):
-    from umarvel_ray.pipelines.embed import EmbedConfig, run_embedding
+    from umarvel_ray.embed.run import EmbedConfig, run_embedding
 
     root = cases / "id_newline"
     with pytest.raises(InputError, match="mbeir_mscoco_task0_test.jsonl:2: field 'qid'"):

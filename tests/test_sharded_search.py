@@ -11,7 +11,7 @@ import pytest
 
 from umarvel_ray.index import build_index, build_index_from_embeddings, load_index
 from umarvel_ray.index.service import IdSubset, SearchService, pool_index, split_rows
-from umarvel_ray.pipelines.embedstore import shard_name, write_shard
+from umarvel_ray.store import shard_name, write_shard
 
 pytestmark = pytest.mark.ray
 
@@ -198,9 +198,9 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
     shared,  # noqa: F811
     tmp_path,
 ):
-    from umarvel_ray.pipelines.embed import EmbedConfig
-    from umarvel_ray.pipelines.mine import MineConfig, read_query_meta, run_mining
-    from umarvel_ray.pipelines.teacher import retrieve_local
+    from umarvel_ray.embed.run import EmbedConfig
+    from umarvel_ray.mine.mine import MineConfig, read_query_meta, run_mining
+    from umarvel_ray.teacher.teacher import retrieve_local
 
     def mine(shards: int, strategy: str):
         return run_mining(

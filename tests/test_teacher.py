@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import mbeir
-from umarvel_ray.pipelines.embed import EmbedConfig
-from umarvel_ray.pipelines.mine import read_query_meta
-from umarvel_ray.pipelines.teacher import (
+from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.mine.mine import read_query_meta
+from umarvel_ray.teacher.teacher import (
     TeacherConfig,
     local_pool_mask,
     read_teacher,
@@ -113,7 +113,7 @@ def test_local_pool_mask_and_weights():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_teacher_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, tmp_path):
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     toy = Path(toy_mbeir_dir)
     pool = {json.loads(x)["did"]: json.loads(x) for x in shared["pool"].read_text().splitlines()}
@@ -192,7 +192,7 @@ def test_config_errors(toy_mbeir_dir, tmp_path):
     import importlib.util
 
     from umarvel_ray.config import ConfigError
-    from umarvel_ray.pipelines.teacher import validate_config
+    from umarvel_ray.teacher.teacher import validate_config
 
     ok = {"data_root": str(toy_mbeir_dir), "output_dir": str(tmp_path)}
     validate_config(TeacherConfig(**ok))

@@ -19,8 +19,15 @@ import pytest
 from PIL import Image
 
 from umarvel_ray.data import mbeir
-from umarvel_ray.data import scenes as sc
-from umarvel_ray.data.toy import CAPTION_FILE, INFO_FILE, NLI_FILE, TRAIN_QRELS_FILE, Preset, make_toy_mbeir
+from umarvel_ray.data.toy import scenes as sc
+from umarvel_ray.data.toy.builder import (
+    CAPTION_FILE,
+    INFO_FILE,
+    NLI_FILE,
+    TRAIN_QRELS_FILE,
+    Preset,
+    make_toy_mbeir,
+)
 
 TINY = Preset(
     test_queries=4,
@@ -410,7 +417,7 @@ def test_independent_of_python_hash_seed(tmp_path):
     import sys
 
     code = (
-        "import sys; from umarvel_ray.data.toy import make_toy_mbeir, Preset; "
+        "import sys; from umarvel_ray.data.toy.builder import make_toy_mbeir, Preset; "
         "make_toy_mbeir(sys.argv[1], seed=0, preset=Preset(4, 12, 2, 3, 1, 5, 5))"
     )
     hashes = []

@@ -184,7 +184,7 @@ def load_config(
     """Defaults of `cls`, then the YAML file (if any), then the overrides, validated.
 
     `section` picks one top-level key of the YAML when it is there, so one recipe file
-    (`jobs/configs/toy.yaml`) configures `jobs/pipeline.py` and every single-step job alike.
+    (`jobs/configs/toy.yaml`) configures `jobs/recipe.py` and every single-step job alike.
     Sections of `cls` that are themselves config dataclasses take `run_dir` and `data_root` from
     the level above unless they set their own (SHARED_KEYS). Every path field is then made
     absolute once, here, relative to the current working directory (the job's start directory,

@@ -1,4 +1,4 @@
-"""The whole U-MARVEL recipe as one restartable chain (`jobs/pipeline.py`).
+"""The whole U-MARVEL recipe as one restartable chain (`jobs/recipe.py`).
 
 data -> base model -> eval(base) -> stage1 -> stage2 -> stage3 -> eval(stage3) -> mine negatives
 -> stage4 -> reranker (Yes/No judge on the mined negatives) -> teacher scores (stage-4 retrieval,
@@ -21,9 +21,9 @@ from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.eval.evaluate import EvalConfig
-from umarvel_ray.pipelines.mine import MineConfig
-from umarvel_ray.pipelines.teacher import TeacherConfig
+from umarvel_ray.mine.mine import MineConfig
 from umarvel_ray.progress import summary
+from umarvel_ray.teacher.teacher import TeacherConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
 from umarvel_ray.train.stages import STAGE_ORDER, TrainJobConfig, stage_config
 
@@ -49,7 +49,7 @@ TINY = "tiny"
 
 @dataclass
 class RecipeConfig:
-    """`jobs/pipeline.py` config: where things live, which steps run, and each step's settings."""
+    """`jobs/recipe.py` config: where things live, which steps run, and each step's settings."""
 
     run_dir: str = field(default="runs/toy", metadata={"path": "cwd", "help": "every artefact of the run goes here"})
     data_root: str = field(default="data/toy_mbeir", metadata={"path": "cwd", "help": "M-BEIR directory (real or toy)"})
@@ -140,7 +140,7 @@ class Recipe:
             raise FileNotFoundError(
                 f"data_root {self.data_root} has no query/ folder (set toy_size to generate)"
             )
-        from umarvel_ray.data.toy import make_toy_mbeir
+        from umarvel_ray.data.toy.builder import make_toy_mbeir
 
         make_toy_mbeir(self.data_root, size=self.cfg.toy_size, seed=self.cfg.toy_seed)
 
@@ -177,7 +177,7 @@ class Recipe:
         self._evaluate("final", self.latest_model())
 
     def step_mine(self) -> None:
-        from umarvel_ray.pipelines.mine import run_mining
+        from umarvel_ray.mine.mine import run_mining
 
         out = self.run_dir / "negatives"
         if (out / "negatives.jsonl").exists():
@@ -209,7 +209,7 @@ class Recipe:
         run_reranker_training(cfg)
 
     def step_teacher(self) -> None:
-        from umarvel_ray.pipelines.teacher import run_teacher_scoring
+        from umarvel_ray.teacher.teacher import run_teacher_scoring
 
         out = self.run_dir / "teacher"
         if (out / "teacher.jsonl").exists():
@@ -269,7 +269,7 @@ class Recipe:
     def run(self) -> dict[str, Any]:
         self.check_inputs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir, "pipeline_config.yaml")
+        save_config(self.cfg, self.run_dir, "recipe_config.yaml")
         for step in self.cfg.steps:
             start = time.perf_counter()
             log.info("=== step %s", step)
@@ -283,19 +283,19 @@ class Recipe:
 
     def write_summary(self) -> dict[str, Any]:
         result = {"run_dir": str(self.run_dir), "timings_s": self.timings, "scores": self.scores}
-        (self.run_dir / "pipeline_summary.json").write_text(json.dumps(result, indent=2))
+        (self.run_dir / "recipe_summary.json").write_text(json.dumps(result, indent=2))
         lines = ["| model | local avg | global avg |", "|---|---|---|"]
         for name, s in self.scores.items():
             lines.append(f"| {name} | {_pct(s.get('local'))} | {_pct(s.get('global'))} |")
         table = "\n".join(lines)
-        (self.run_dir / "pipeline_summary.md").write_text(table + "\n")
+        (self.run_dir / "recipe_summary.md").write_text(table + "\n")
         print(table)
         command = self.serve_command()
         if command:
             result["serve_command"] = command
             print(f"Serve this model: {command}", flush=True)
         summary(
-            "pipeline",
+            "recipe",
             steps=len(self.timings),
             seconds=round(sum(self.timings.values()), 1),
             **{f"{k}_local": _pct(v.get("local")) for k, v in self.scores.items()},

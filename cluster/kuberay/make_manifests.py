@@ -8,7 +8,7 @@ Sources: cluster/kuberay/raycluster.yaml (image, head, volumes, the 8-GPU pod), 
 jobs/configs/paper_qwen2vl7b.yaml (run_dir). Outputs:
 
     cluster/kuberay/rayservice.yaml   RayService: Serve app + an autoscaled 1-GPU worker group
-    cluster/kuberay/rayjob.yaml       RayJob: the whole recipe (jobs/pipeline.py) on a fresh cluster
+    cluster/kuberay/rayjob.yaml       RayJob: the whole recipe (jobs/recipe.py) on a fresh cluster
     cluster/kuberay/jobs/NN-*.yaml    one RayJob per step, applied in order (each waits for nothing:
                                       apply the next one when the previous one is Complete)
 
@@ -171,7 +171,7 @@ def render() -> dict[Path, str]:
         f"cluster/serve_config.yaml and {template}",
     )
     out[KUBERAY / "rayjob.yaml"] = _dump(
-        rayjob("umarvel-recipe", "recipe", ["jobs/pipeline.py", "--config", PAPER], cluster, GPU_PODS),
+        rayjob("umarvel-recipe", "recipe", ["jobs/recipe.py", "--config", PAPER], cluster, GPU_PODS),
         "KubeRay RayJob: the whole recipe (paper preset) on a fresh 64-GPU cluster, then torn down.\n"
         "kubectl apply -f cluster/kuberay/pvc.yaml -f cluster/kuberay/rayjob.yaml\n"
         "Resubmitting after a failure carries on where it stopped (every step skips finished work).",

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.io import write_if_changed
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,6 @@ def merge_pools(files: Sequence[Path], out: Path) -> int:
             lines.append(json.dumps({k: obj.get(k) for k in mbeir.POOL_FIELDS}, ensure_ascii=False) + "\n")
     write_if_changed(out, "".join(lines).encode("utf-8"))
     return len(lines)
-
-
-def write_if_changed(path: Path, data: bytes) -> None:
-    """Atomic write that leaves the file (and its mtime) alone when the bytes are the same."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def union_test_pool(root: Path, tasks: Iterable[mbeir.TaskSpec], out: Path) -> tuple[Path, list[Path]]:

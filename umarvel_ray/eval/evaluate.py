@@ -25,9 +25,7 @@ index/global.*, index/local/<task>.*, runs/<task>.<pool>.trec, mbeir.json, mbeir
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +52,7 @@ from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_avera
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run
 from umarvel_ray.index.factory import RULE, factory_for_pool
 from umarvel_ray.index.service import index_shards_option, shard_cpus_option
+from umarvel_ray.io import atomic_write_json, dir_signature, file_sha256, read_json_or_none, write_if_changed
 
 log = logging.getLogger("umarvel_ray.eval")
 
@@ -384,46 +383,12 @@ def plan_indexes(cfg: EvalConfig, sizes: Mapping[str, int], dim: int) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def dir_signature(d: Path | None) -> str | None:
-    """Names, sizes and mtimes of a directory's top-level files: a cheap identity of model weights."""
-    if not d:
-        return None
-    h = hashlib.sha256()
-    for p in sorted(Path(d).iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def manifest_digest(emb_dir: Path) -> str | None:
     """sha256 of a complete embedding directory's manifest.json, None while incomplete."""
-    from umarvel_ray.pipelines.embedstore import MANIFEST_NAME
+    from umarvel_ray.store import MANIFEST_NAME
 
     p = emb_dir / MANIFEST_NAME
-    data = _read_json(p)
+    data = read_json_or_none(p)
     if not isinstance(data, dict) or data.get("complete") is False:
         return None
     return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -485,13 +450,7 @@ def write_combined_queries(path: Path, files: Sequence[Path]) -> Path:
     for f in files:
         b = f.read_bytes()
         parts.append(b if not b or b.endswith(b"\n") else b + b"\n")
-    data = b"".join(parts)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_if_changed(path, b"".join(parts))
     return path
 
 
@@ -511,7 +470,7 @@ def pool_ids_seen(emb_dir: Path) -> set[str]:
     A local pool row rejected in the global run (say, an unreadable image) would be rejected again
     if its pool file were embedded on its own, so it must not trigger a local re-embedding.
     """
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     seen = set(read_embeddings(emb_dir, columns=("id",)).ids.tolist())
     rejects = emb_dir / "rejects.jsonl"
@@ -562,7 +521,7 @@ def _embed_kwargs(cfg: EvalConfig) -> dict[str, Any]:
 
 def ensure_embedded(cfg: EvalConfig, name: str, input_path: Path, kind: str, emb: EmbeddingSet) -> Path:
     """Embed `input_path` into out_dir/embeddings/<name> unless a matching complete one exists."""
-    from umarvel_ray.pipelines.embed import EmbedConfig, run_embedding
+    from umarvel_ray.embed.run import EmbedConfig, run_embedding
 
     base = Path(cfg.out_dir).expanduser() / EMBED_DIR
     out = base / name
@@ -582,7 +541,7 @@ def ensure_embedded(cfg: EvalConfig, name: str, input_path: Path, kind: str, emb
         "shard_rows": cfg.shard_rows,
         "embed_overrides": cfg.embed_overrides,
     }
-    old = _read_json(fp_path) if fp_path.is_file() else None
+    old = read_json_or_none(fp_path) if fp_path.is_file() else None
     digest = manifest_digest(out)
     if (
         cfg.reuse_embeddings
@@ -613,7 +572,7 @@ def ensure_embedded(cfg: EvalConfig, name: str, input_path: Path, kind: str, emb
     digest = manifest_digest(out)
     if digest is None:
         raise RuntimeError(f"embedding of {input_path} finished without a complete manifest in {out}")
-    _write_json_atomic(fp_path, {"fingerprint": fingerprint, "manifest_sha256": digest})
+    atomic_write_json(fp_path, {"fingerprint": fingerprint, "manifest_sha256": digest})
     emb.embedded.append(name)
     return out
 
@@ -663,7 +622,7 @@ class PoolEmbeddings:
     def __init__(self, directory: Path):
         import pyarrow.parquet as pq
 
-        from umarvel_ray.pipelines.embedstore import list_shards
+        from umarvel_ray.store import list_shards
 
         self.directory = directory
         self.shards = list_shards(directory)
@@ -692,7 +651,7 @@ class PoolEmbeddings:
         shards holding them."""
         import pyarrow.parquet as pq
 
-        from umarvel_ray.pipelines.embedstore import vectors_from_arrow
+        from umarvel_ray.store import vectors_from_arrow
 
         pos, found = self.positions(ids)
         pos = pos[found]
@@ -750,7 +709,7 @@ def ensure_index(
 
     fingerprint = _index_fingerprint(cfg, source, subset)
     side = path.with_name(path.name + INDEX_SOURCE_SUFFIX)
-    if cfg.reuse_indexes and _read_json(side) == fingerprint:
+    if cfg.reuse_indexes and read_json_or_none(side) == fingerprint:
         try:
             read_index_meta(path)
             if service is not None:
@@ -781,7 +740,7 @@ def ensure_index(
         index = build_index(vectors, ids, **opts)
     path.parent.mkdir(parents=True, exist_ok=True)
     index.save(path)
-    _write_json_atomic(side, fingerprint)
+    atomic_write_json(side, fingerprint)
     if built is not None:
         built.append(str(path))
     return index
@@ -796,7 +755,7 @@ def load_query_vectors(
     dirs: Sequence[Path], tasks: Sequence[TaskPlan]
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Per task: (qids that were embedded, in file order; their vectors)."""
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     by_id: dict[str, np.ndarray] = {}
     dim = 0
@@ -1012,7 +971,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     save_config(cfg, plan.out_dir)
     if not plan.tasks:
         raise ConfigError(f"nothing to evaluate in {plan.data_root}: {plan.skipped}")
-    from umarvel_ray.pipelines.embed import model_dim
+    from umarvel_ray.embed.run import model_dim
 
     plan_indexes(cfg, pool_sizes(plan), model_dim(Path(cfg.model).expanduser()))
     emb = embed_stage(cfg, plan)

@@ -19,6 +19,7 @@ from typing import Any
 
 from umarvel_ray.data.mbeir import MBEIR_TASKS, TaskSpec
 from umarvel_ray.eval.metrics import PAD_ID, RetrievalMetrics, Run, macro_average
+from umarvel_ray.io import atomic_write_lines, atomic_write_text
 
 POOLS = ("local", "global")
 Results = Mapping[str, Mapping[str, RetrievalMetrics]]
@@ -46,16 +47,9 @@ def write_trec_run(
     path: str | os.PathLike[str], run: Mapping[str, Sequence[tuple[str, float]]], run_id: str
 ) -> int:
     """Write a run file atomically; returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "w") as f:
-        for line in trec_lines(run, run_id):
-            f.write(line + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+    lines = [line + "\n" for line in trec_lines(run, run_id)]
+    atomic_write_lines(path, lines)
+    return len(lines)
 
 
 def read_trec_run(path: str | os.PathLike[str]) -> Run:
@@ -218,9 +212,7 @@ def write_report(
         ("json", json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"),
         ("markdown", markdown_table(results, tasks, title)),
     ):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+        atomic_write_text(paths[key], text)
     return paths
 
 

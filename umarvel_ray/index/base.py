@@ -15,7 +15,6 @@ return hold id "" and score -inf (metrics and run writers skip "" ids).
 from __future__ import annotations
 
 import abc
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,12 +48,6 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

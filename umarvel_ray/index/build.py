@@ -23,14 +23,14 @@ from umarvel_ray.index.factory import min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
 from umarvel_ray.index.ids import check_unique
 from umarvel_ray.index.search import new_index, pool_factory, train_sample_positions
-from umarvel_ray.pipelines.embedstore import (
+from umarvel_ray.progress import Progress, summary
+from umarvel_ray.store import (
     Embeddings,
     embedding_dim,
     iter_embedding_batches,
     list_shards,
     vectors_from_arrow,
 )
-from umarvel_ray.progress import Progress, summary
 
 log = logging.getLogger("umarvel_ray")
 

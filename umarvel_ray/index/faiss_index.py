@@ -23,12 +23,12 @@ from umarvel_ray.index.base import (
     SearchIndex,
     artifact,
     atomic_save_npy,
-    atomic_write_json,
     base_path,
     ids_for_save,
     require_finite,
 )
 from umarvel_ray.index.factory import RULE, min_train_vectors
+from umarvel_ray.io import atomic_write_json
 
 log = logging.getLogger("umarvel_ray")
 

@@ -92,7 +92,7 @@ def unit_vectors(rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
 def write_synthetic_store(directory: Path, s: ScaleSettings) -> Path:
     """The embedding-store format of the pipeline, filled with seeded random unit vectors (chunk by
     chunk: the writer never holds more than `file_rows` rows)."""
-    from umarvel_ray.pipelines.embedstore import shard_name, write_manifest, write_shard
+    from umarvel_ray.store import shard_name, write_manifest, write_shard
 
     done = directory / "manifest.json"
     if done.is_file():

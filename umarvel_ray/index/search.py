@@ -22,7 +22,6 @@ from umarvel_ray.index.base import (
     METRIC,
     SearchIndex,
     artifact,
-    atomic_write_json,
     base_path,
     merge_topk,
 )
@@ -36,6 +35,7 @@ from umarvel_ray.index.faiss_index import (
 )
 from umarvel_ray.index.ids import check_unique
 from umarvel_ray.index.torch_index import TorchExactIndex
+from umarvel_ray.io import atomic_write_json
 from umarvel_ray.progress import Progress
 
 log = logging.getLogger("umarvel_ray")

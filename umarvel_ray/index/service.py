@@ -39,11 +39,11 @@ from umarvel_ray.index.base import (
     PAD_ID,
     artifact,
     as_queries,
-    atomic_write_json,
     base_path,
     merge_topk,
 )
 from umarvel_ray.index.shard_worker import IdSubset, ShardWorker, split_rows
+from umarvel_ray.io import atomic_write_json
 
 log = logging.getLogger("umarvel_ray")
 

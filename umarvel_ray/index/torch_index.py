@@ -19,10 +19,10 @@ from umarvel_ray.index.base import (
     SearchIndex,
     artifact,
     atomic_save_npy,
-    atomic_write_json,
     base_path,
     ids_for_save,
 )
+from umarvel_ray.io import atomic_write_json
 
 log = logging.getLogger("umarvel_ray")
 

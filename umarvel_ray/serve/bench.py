@@ -259,11 +259,11 @@ def build_pool(work: Path, pool_rows: int, seed: int) -> dict[str, Any]:
     """Tiny model + toy benchmark + an embedded and indexed pool, all written by the library."""
     from umarvel_ray.data import mbeir
     from umarvel_ray.data.images import load_image
-    from umarvel_ray.data.toy import Preset, make_toy_mbeir
+    from umarvel_ray.data.toy.builder import Preset, make_toy_mbeir
     from umarvel_ray.index import build_index
     from umarvel_ray.model.embedder import Embedder
     from umarvel_ray.model.tiny import make_tiny_qwen2vl
-    from umarvel_ray.pipelines.embedstore import shard_name, write_manifest, write_shard
+    from umarvel_ray.store import shard_name, write_manifest, write_shard
 
     model_dir = make_tiny_qwen2vl(work / "tiny_model", seed=seed)
     data_root = make_toy_mbeir(work / "toy", size="small", seed=seed, preset=Preset(**TOY_PRESET))

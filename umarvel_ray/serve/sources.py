@@ -74,7 +74,7 @@ def resolve_sources(cfg: ServeConfig) -> Sources:
         if not mf.is_file():
             raise ConfigError(f"embeddings_dir={cfg.embeddings_dir}: manifest.json missing (embedding job unfinished?)")
         manifest = json.loads(mf.read_text())
-    settings = manifest.get("settings", {})  # what the embedding job ran with (pipelines/embed.py)
+    settings = manifest.get("settings", {})  # what the embedding job ran with (embed/run.py)
     pool = cfg.pool or manifest.get("input", "")
     data_root = cfg.data_root or settings.get("data_root", "")
     if cfg.pool and not Path(pool).is_absolute() and data_root:

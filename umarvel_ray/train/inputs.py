@@ -60,7 +60,7 @@ def check_between_stage_files(cfg: TrainConfig) -> None:
     """ConfigError when stage 4's mined negatives or stage 5's teacher scores are not there yet.
 
     Training does not write them: `jobs/mine_negatives.py` and `jobs/teacher_scores.py` do, from the
-    previous stage's model, and `jobs/pipeline.py` runs them between the stages. `jobs/train.py`
+    previous stage's model, and `jobs/recipe.py` runs them between the stages. `jobs/train.py`
     calls this for every stage it will train, so `stages=[stage3,stage4,stage5]` stops before
     stage 3 instead of failing inside stage 4's workers; a finished stage is not checked (it is
     skipped). The recipe does not call it (it writes these files itself).
@@ -78,7 +78,7 @@ def check_between_stage_files(cfg: TrainConfig) -> None:
         return
     raise ConfigError(
         f"{cfg.stage} trains on {path} ({cfg.stage}.{key}), which does not exist yet: {job} writes it. "
-        f"Run that job first and then this stage, or run the chain with jobs/pipeline.py "
+        f"Run that job first and then this stage, or run the chain with jobs/recipe.py "
         f"'train.stages=[...]', which runs it between the stages"
     )
 

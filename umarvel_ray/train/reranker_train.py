@@ -2,7 +2,7 @@
 
 RECIPE section 3: every training query gives one pair (query, positive) labelled "Yes" and
 `negatives_per_positive` pairs (query, mined negative) labelled "No", the negatives coming from the
-stage-3 model's top-100 (`pipelines/mine.py` output, {qid, neg_dids}). The loss is the SFT
+stage-3 model's top-100 (`mine/mine.py` output, {qid, neg_dids}). The loss is the SFT
 cross-entropy of the answer token (`Reranker.loss`); the score at inference is P(Yes).
 
 Data order: the pairs of all queries are flattened (pair `p` = query `p // (1+k)`, slot
@@ -142,7 +142,7 @@ class RerankerTrainConfig:
 
     def negatives_path(self) -> Path:
         """The mined negatives jsonl (a directory means its negatives.jsonl, as `read_negatives`)."""
-        from umarvel_ray.pipelines.mine import NEGATIVES_NAME
+        from umarvel_ray.mine.mine import NEGATIVES_NAME
 
         raw = self.negatives_file
         p = Path(raw.replace("{run_dir}", str(self.run_dir))) if "{run_dir}" in raw else self.data_path(raw)

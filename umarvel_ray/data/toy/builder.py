@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.data import mbeir
-from umarvel_ray.data import scenes as sc
-from umarvel_ray.data.scenes import Group, Mutation, Scene
+from umarvel_ray.data.toy import scenes as sc
+from umarvel_ray.data.toy.scenes import Group, Mutation, Scene
 
 GENERATOR_VERSION = 1
 INFO_FILE = "toy_info.json"
@@ -875,7 +875,7 @@ def make_toy_mbeir(
     _write_images(out, ctx, workers)
 
     info = {
-        "generator": "umarvel_ray.data.toy",
+        "generator": "umarvel_ray.data.toy.builder",
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "size": size,

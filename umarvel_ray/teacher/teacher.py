@@ -45,18 +45,17 @@ import numpy as np
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
+from umarvel_ray.embed import decode
+from umarvel_ray.embed.run import EmbedConfig, model_signature
 from umarvel_ray.index.service import index_shards_option, shard_cpus_option
-from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.embed import EmbedConfig, model_signature
-from umarvel_ray.pipelines.mine import (
+from umarvel_ray.io import atomic_write_json, atomic_write_lines
+from umarvel_ray.mine.mine import (
     QueryMeta,
     ensure_embeddings,
     qid_sort_key,
     read_query_meta,
     resolve,
     subset_input,
-    write_json_atomic,
-    write_lines_atomic,
 )
 
 log = logging.getLogger("umarvel_ray.teacher")
@@ -482,7 +481,7 @@ def retrieve_local(
     """
     from umarvel_ray.index import build_index
     from umarvel_ray.index.service import SearchService
-    from umarvel_ray.pipelines.embedstore import read_embeddings
+    from umarvel_ray.store import read_embeddings
 
     q_emb = read_embeddings(q_dir, columns=("id", "vector"))
     row_of = {qid: i for i, qid in enumerate(q_emb.ids.tolist())}
@@ -634,7 +633,7 @@ def _run_reranker(
                     results[s][str(qid)][int(rank)] = float(p)
                 received[s] += 1
                 if received[s] == expected[s]:
-                    write_json_atomic(_shard_path(out, s), {"key": keys[s], "p_yes": results.pop(s)})
+                    atomic_write_json(_shard_path(out, s), {"key": keys[s], "p_yes": results.pop(s)})
             progress.update(len(batch["qid"]))
     finally:
         ctx.enable_progress_bars = old_bars
@@ -765,7 +764,7 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
             )
             + "\n"
         )
-    teacher_path = write_lines_atomic(out / TEACHER_NAME, records)
+    teacher_path = atomic_write_lines(out / TEACHER_NAME, records)
     seconds = time.perf_counter() - t0
     counts: dict[str, Any] = {
         "queries_read": n_read,
@@ -782,7 +781,7 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
         "shards_skipped": shards_skipped,
         "reranker": cfg.reranker or "none (teacher = cos only)",
     }
-    write_json_atomic(
+    atomic_write_json(
         out / SUMMARY_NAME,
         {
             "counts": counts,

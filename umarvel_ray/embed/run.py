@@ -46,17 +46,17 @@ from typing import Any
 import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.commit import (
+from umarvel_ray.embed import decode
+from umarvel_ray.embed.commit import (
     REJECTS_DIR,
     RESULT_COLUMNS,
     InjectedFailure,
     ShardCommitter,
     rejects_path,
-    write_json_atomic,
 )
-from umarvel_ray.pipelines.decode import KINDS, InputIndex, ShardSpec
-from umarvel_ray.pipelines.dedup import CommittedIds
+from umarvel_ray.embed.decode import KINDS, InputIndex, ShardSpec
+from umarvel_ray.embed.dedup import CommittedIds
+from umarvel_ray.io import atomic_write_json
 
 log = logging.getLogger("umarvel_ray.embed")
 
@@ -352,7 +352,7 @@ def _verify_shard(out: Path, entry: dict[str, Any], spec: ShardSpec, dim: int | 
 
 def _load_state(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any], bool]:
     """The previous run's state (manifest or progress) if its settings match, else a fresh one."""
-    from umarvel_ray.pipelines.embedstore import MANIFEST_NAME
+    from umarvel_ray.store import MANIFEST_NAME
 
     for name in (MANIFEST_NAME, PROGRESS_NAME):
         p = out / name
@@ -384,7 +384,7 @@ def _load_state(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple[d
 
 def _clean_output(out: Path) -> None:
     """Remove every artefact this pipeline writes (overwrite=true or settings changed)."""
-    from umarvel_ray.pipelines.embedstore import MANIFEST_NAME, SHARD_GLOB
+    from umarvel_ray.store import MANIFEST_NAME, SHARD_GLOB
 
     for p in out.glob(SHARD_GLOB):
         p.unlink()
@@ -610,7 +610,7 @@ def _finalize(
     out: Path, state: dict[str, Any], index: InputIndex, kind: str, res: _Resolved
 ) -> dict[str, Any]:
     """Write rejects.jsonl (all shards, in order) and manifest.json (last); drop the progress file."""
-    from umarvel_ray.pipelines.embedstore import write_manifest
+    from umarvel_ray.store import write_manifest
 
     entries = [state["shards"][s.name] for s in index.shards]
     tmp = out / f".{REJECTS_NAME}.tmp-{os.getpid()}"
@@ -646,8 +646,8 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
     """
     require_absolute(cfg)
 
-    from umarvel_ray.pipelines.embedstore import MANIFEST_NAME
     from umarvel_ray.progress import summary
+    from umarvel_ray.store import MANIFEST_NAME
 
     t0 = time.perf_counter()
     res = validate_config(cfg)
@@ -689,7 +689,7 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
     if pending:
         # The directory is incomplete from here on: progress file only, no manifest.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
-        write_json_atomic(out / PROGRESS_NAME, state)
+        atomic_write_json(out / PROGRESS_NAME, state)
         seen = CommittedIds.from_shards(out, [s.index for s in done]) if cfg.check_duplicates else None
         committer = ShardCommitter(
             out,

@@ -26,7 +26,6 @@ checkpointed (they are cheap next to embedding and fully deterministic); a rerun
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -40,8 +39,9 @@ from typing import Any
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
+from umarvel_ray.embed.run import EmbedConfig, EmbedResult, run_embedding
 from umarvel_ray.index.service import index_shards_option, shard_cpus_option
-from umarvel_ray.pipelines.embed import EmbedConfig, EmbedResult, run_embedding
+from umarvel_ray.io import atomic_write_json, atomic_write_lines, file_sha256, write_if_changed
 
 log = logging.getLogger("umarvel_ray.mine")
 
@@ -311,22 +311,6 @@ def read_query_meta(
     return metas, lines, n_read, invalid
 
 
-def write_lines_atomic(path: Path, lines: Iterable[str | bytes]) -> Path:
-    """Write lines through a temp name + rename (readers never see a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        for line in lines:
-            f.write(line if isinstance(line, bytes) else line.encode("utf-8"))
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Pretty JSON through a temp name + rename."""
-    return write_lines_atomic(path, [json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"])
-
-
 def subset_input(path: Path, lines: list[bytes], embed_dir: Path, name: str) -> Path:
     """A jsonl holding exactly `lines`, kept in `embed_dir/_input/` beside the embeddings made from it.
 
@@ -334,20 +318,9 @@ def subset_input(path: Path, lines: list[bytes], embed_dir: Path, name: str) -> 
     embedding directory sees the same input path and reuses the shards. Rewritten only on change.
     """
     target = embed_dir / "_input" / name
-    data = b"".join(lines)
-    if not (target.is_file() and target.read_bytes() == data):
-        write_lines_atomic(target, [data])
+    write_if_changed(target, b"".join(lines))
     log.info("using %d lines of %s via %s", len(lines), path, target)
     return target
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (the embedding pipeline's input fingerprint)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def complete_embeddings_match(
@@ -358,8 +331,8 @@ def complete_embeddings_match(
     Also compares the query instruction settings; otherwise returns why the directory does not
     match (then `run_embedding` decides: resume, recompute, or refuse with a ConfigError).
     """
-    from umarvel_ray.pipelines.embed import model_signature
-    from umarvel_ray.pipelines.embedstore import read_manifest
+    from umarvel_ray.embed.run import model_signature
+    from umarvel_ray.store import read_manifest
 
     manifest = read_manifest(output_dir) if output_dir.is_dir() else {}
     settings = manifest.get("settings") or {}
@@ -398,7 +371,7 @@ def ensure_embeddings(
     directory of the right kind is used. Otherwise `run_embedding` runs, which resumes a partial
     directory shard by shard (and refuses one made with other settings unless embed.overwrite).
     """
-    from umarvel_ray.pipelines.embedstore import read_manifest
+    from umarvel_ray.store import read_manifest
 
     if not model:
         manifest = read_manifest(output_dir) if output_dir.is_dir() else {}
@@ -457,8 +430,8 @@ def run_mining(cfg: MineConfig) -> MineResult:
     """Embed, search top-`depth`, select negatives; write negatives.jsonl + summary.json."""
     require_absolute(cfg)
     from umarvel_ray.index.service import pool_index
-    from umarvel_ray.pipelines.embedstore import iter_embedding_batches, read_embeddings
     from umarvel_ray.progress import Progress, summary
+    from umarvel_ray.store import iter_embedding_batches, read_embeddings
 
     t0 = time.perf_counter()
     root, qf, pf, out = validate_config(cfg)
@@ -548,8 +521,8 @@ def run_mining(cfg: MineConfig) -> MineResult:
 
     records.sort(key=lambda r: qid_sort_key(r["qid"]))
     empty.sort(key=lambda r: qid_sort_key(r["qid"]))
-    neg_path = write_lines_atomic(out / NEGATIVES_NAME, (json.dumps(r) + "\n" for r in records))
-    write_lines_atomic(out / NO_NEGATIVES_NAME, (json.dumps(r) + "\n" for r in empty))
+    neg_path = atomic_write_lines(out / NEGATIVES_NAME, (json.dumps(r) + "\n" for r in records))
+    atomic_write_lines(out / NO_NEGATIVES_NAME, (json.dumps(r) + "\n" for r in empty))
     seconds = time.perf_counter() - t0
     counts: dict[str, Any] = {
         "queries_read": n_read,
@@ -562,7 +535,7 @@ def run_mining(cfg: MineConfig) -> MineResult:
         "no_negatives": len(empty),
         **totals,
     }
-    write_json_atomic(
+    atomic_write_json(
         out / SUMMARY_NAME,
         {
             "counts": counts,

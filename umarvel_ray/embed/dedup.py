@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from umarvel_ray.embed.decode import shard_name
 from umarvel_ray.index.ids import as_arrow_ids, first_occurrences, id_hashes
-from umarvel_ray.pipelines.decode import shard_name
 
 
 class CommittedIds:

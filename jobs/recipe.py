@@ -1,8 +1,8 @@
 """Run the whole U-MARVEL recipe end to end (data, training chain, mining, teacher, evaluation).
 
-    python jobs/pipeline.py --config jobs/configs/toy.yaml                  # laptop: local Ray
+    python jobs/recipe.py --config jobs/configs/toy.yaml                  # laptop: local Ray
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/pipeline.py --config jobs/configs/paper_qwen2vl7b.yaml run_dir=/mnt/runs/x
+        python jobs/recipe.py --config jobs/configs/paper_qwen2vl7b.yaml run_dir=/mnt/runs/x
 
 Every step skips work already done, so resubmitting after a failure carries on where it stopped.
 Exit codes: 0 done, 2 bad config, 1 any other failure.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.pipelines import decode
-from umarvel_ray.pipelines.decode import FIELDS, ShardSpec
-from umarvel_ray.pipelines.dedup import CommittedIds, find_duplicates
+from umarvel_ray.embed import decode
+from umarvel_ray.embed.decode import FIELDS, ShardSpec
+from umarvel_ray.embed.dedup import CommittedIds, find_duplicates
+from umarvel_ray.io import atomic_write_json, atomic_write_lines
 
 log = logging.getLogger("umarvel_ray.embed")
 
@@ -30,12 +30,6 @@ RESULT_COLUMNS = ("shard", "line", "id", "modality", "reject_field", "reject_rea
 
 class InjectedFailure(RuntimeError):
     """Raised by `fail_after_shards` to simulate a job killed part-way (tests)."""
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def rejects_path(out: Path, spec_name: str) -> Path:
@@ -121,7 +115,7 @@ class ShardCommitter:
         return dups.kept_hashes
 
     def commit(self, s: int) -> None:
-        from umarvel_ray.pipelines.embedstore import write_shard
+        from umarvel_ray.store import write_shard
 
         spec, buf = self.specs[s], self.buffers.pop(s)
         self.buffered -= buf.received
@@ -154,9 +148,7 @@ class ShardCommitter:
             )
         rej_path = rejects_path(self.out, spec.name)
         rej_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-        os.replace(tmp, rej_path)
+        atomic_write_lines(rej_path, (json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
         idx = np.flatnonzero(~rejected)
         vectors = np.asarray(cols["vector"], dtype=np.float32).reshape(-1, dim)[idx]
         path = write_shard(self.out / spec.name, cols["id"][idx].astype(str), cols["modality"][idx], vectors)
@@ -172,7 +164,7 @@ class ShardCommitter:
             "rows_rejected": len(rejects),
             "bytes": path.stat().st_size,
         }
-        write_json_atomic(self.progress_path, self.state)
+        atomic_write_json(self.progress_path, self.state)
         self.committed += 1
         log.debug("committed %s: %d rows, %d rejected", spec.name, len(idx), len(rejects))
         if self.fail_after is not None and self.committed >= self.fail_after:

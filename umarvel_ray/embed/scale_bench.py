@@ -16,7 +16,7 @@ shards),
 `cpu_us_per_row` (driver process CPU, all threads, over `run_embedding`), `bookkeeping_us_per_row`
 (the committer alone, driver main thread), wall seconds and row counts.
 
-    python -m umarvel_ray.pipelines.scale_bench [--quick] [--rows 100000,1000000]
+    python -m umarvel_ray.embed.scale_bench [--quick] [--rows 100000,1000000]
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.pipelines.embed import EmbedActor, EmbedConfig, model_dim, run_embedding
+from umarvel_ray.embed.run import EmbedActor, EmbedConfig, model_dim, run_embedding
 from umarvel_ray.procmem import peak_rss_mb, rss_mb
 
 DEFAULT_ROWS = (100_000, 1_000_000)
 QUICK_ROWS = (5_000, 50_000)
 DUPLICATE_EVERY = 1000
 RESULT_TAG = "SCALE_BENCH_RESULT "
-MODULE = "umarvel_ray.pipelines.scale_bench"
+MODULE = "umarvel_ray.embed.scale_bench"
 
 
 class StandInEmbedder(EmbedActor):

@@ -1,0 +1,1 @@
+"""Step `mine_negatives`: hard negatives from each query's retrieved top-k."""
