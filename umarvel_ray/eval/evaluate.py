@@ -51,7 +51,7 @@ from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_po
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_average, run_from_search
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run
 from umarvel_ray.index.factory import RULE, factory_for_pool
-from umarvel_ray.index.service import index_shards_option, shard_cpus_option
+from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json, dir_signature, file_sha256, read_json_or_none, write_if_changed
 
 log = logging.getLogger("umarvel_ray.eval")

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import option
 from umarvel_ray.index.base import (
     FORMAT_VERSION,
     METRIC,
@@ -42,31 +41,13 @@ from umarvel_ray.index.base import (
     base_path,
     merge_topk,
 )
+from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.index.shard_worker import IdSubset, ShardWorker, split_rows
 from umarvel_ray.io import atomic_write_json
 
 log = logging.getLogger("umarvel_ray")
 
 BACKEND = "ray-sharded"
-SHARDS_HELP = (
-    "search pool sharding: 0 = one index in this process (default); N > 0 = N Ray actors each build "
-    "and hold 1/N of the pool (one per node/GPU, SPREAD) and every search fans out to them and "
-    "merges exactly (same ids, order and ties as 0). Use it when the pool's vectors do not fit one "
-    "process: N >= pool bytes / memory one node or GPU can give the index"
-)
-SHARD_CPUS_HELP = "CPUs reserved per search shard actor (also its faiss/torch threads, at least 1)"
-
-
-def index_shards_option() -> Any:
-    """The `index_shards` config field, one definition for mining, teacher, evaluation and serve."""
-    return option(0, SHARDS_HELP)
-
-
-def shard_cpus_option(default: float = 1.0) -> Any:
-    """The `index_shard_cpus` config field that goes with `index_shards`."""
-    return option(default, SHARD_CPUS_HELP)
-
-
 def pool_index(
     directory: str | os.PathLike[str],
     shards: int = 0,

@@ -40,7 +40,7 @@ from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed.run import EmbedConfig, EmbedResult, run_embedding
-from umarvel_ray.index.service import index_shards_option, shard_cpus_option
+from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json, atomic_write_lines, file_sha256, write_if_changed
 
 log = logging.getLogger("umarvel_ray.mine")

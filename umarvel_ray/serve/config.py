@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from umarvel_ray.config import ConfigError, option
-from umarvel_ray.index.service import index_shards_option, shard_cpus_option
+from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 
 
 @dataclass

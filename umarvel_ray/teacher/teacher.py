@@ -47,7 +47,7 @@ from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed import decode
 from umarvel_ray.embed.run import EmbedConfig, model_signature
-from umarvel_ray.index.service import index_shards_option, shard_cpus_option
+from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json, atomic_write_lines
 from umarvel_ray.mine.mine import (
     QueryMeta,
