@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from umarvel_ray.config import resolve_paths
-from umarvel_ray.data.mbeir import candidate_item
+from umarvel_ray.data.model_items import candidate_item
 from umarvel_ray.train.data import ShardPlan
 from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
 from umarvel_ray.train.reranker_train import RerankerTrainConfig, RerankPairs, run_reranker_training

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, mbeir, model_items
 from umarvel_ray.data.toy import scenes as sc
 from umarvel_ray.data.toy.builder import (
     CAPTION_FILE,
@@ -62,7 +62,7 @@ def toy(toy_mbeir_dir: Path) -> dict:
     root = Path(toy_mbeir_dir)
     tasks = {
         t.name: {"queries": _jsonl(root / t.query_file), "pool": _jsonl(root / t.pool_file)}
-        for t in mbeir.MBEIR_TASKS
+        for t in catalogue.MBEIR_TASKS
     }
     return {
         "root": root,
@@ -150,7 +150,7 @@ def test_refer_picks_exactly_one_group():
 
 def test_layout_task_ids_and_modalities(toy):
     root = toy["root"]
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         for rel in (t.query_file, t.pool_file, t.qrels_file):
             assert (root / rel).is_file(), rel
         qs, pool = toy["tasks"][t.name]["queries"], toy["tasks"][t.name]["pool"]
@@ -195,10 +195,10 @@ def test_images_are_small_rgb(toy):
 
 
 def test_instructions_cover_every_dataset_task_pair(toy):
-    ins = mbeir.read_instructions(toy["root"] / mbeir.INSTRUCTIONS_FILE)
+    ins = instructions.read_instructions(toy["root"] / mbeir.INSTRUCTIONS_FILE)
     assert len(ins) == 16
     used = {
-        (mbeir.split_id(q["qid"])[0], q["query_modality"], mbeir.task_modalities(q["task_id"])[1])
+        (mbeir.split_id(q["qid"])[0], q["query_modality"], catalogue.task_modalities(q["task_id"])[1])
         for qs in [*(t["queries"] for t in toy["tasks"].values()), toy["train_q"]]
         for q in qs
     }
@@ -208,7 +208,7 @@ def test_instructions_cover_every_dataset_task_pair(toy):
         assert len(prompts) == 4 and len(set(prompts)) == 4
         assert all(p[0].isupper() and p.endswith(".") for p in prompts)
     q = toy["tasks"]["cirr_task7"]["queries"][0]
-    item = mbeir.query_item(q, ins, prompt_index=1)
+    item = model_items.query_item(q, ins, prompt_index=1)
     assert item["instruction"] == ins.prompts(8, "image,text", "image")[1] and item["image"]
 
 
@@ -219,7 +219,7 @@ def test_instructions_cover_every_dataset_task_pair(toy):
 
 def test_union_pool_is_the_union_of_local_pools(toy):
     root = toy["root"]
-    concat = "".join((root / t.pool_file).read_text(encoding="utf-8") for t in mbeir.MBEIR_TASKS)
+    concat = "".join((root / t.pool_file).read_text(encoding="utf-8") for t in catalogue.MBEIR_TASKS)
     assert (root / mbeir.GLOBAL_POOL_FILE).read_text(encoding="utf-8") == concat
     ids = [c["did"] for c in toy["union"]]
     assert len(ids) == len(set(ids))
@@ -228,7 +228,7 @@ def test_union_pool_is_the_union_of_local_pools(toy):
 def test_positives_in_local_and_union_pools_and_qrels(toy):
     root = toy["root"]
     union = {c["did"] for c in toy["union"]}
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         local = {c["did"] for c in toy["tasks"][t.name]["pool"]}
         qs = toy["tasks"][t.name]["queries"]
         for q in qs:
@@ -252,7 +252,7 @@ def test_positives_are_complete_locally_and_globally(toy):
     """Key oracle: exactly the labelled positives carry the query's target content, in the local pool
     and in the whole union pool of that modality, so local and global recall are both exact."""
     union_index = _content_index(toy["union"])
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         local_index = _content_index(toy["tasks"][t.name]["pool"])
         for q in toy["tasks"][t.name]["queries"]:
             key = (t.cand_modality, sc.canonical(_toy(q["query_src_content"])["target"]))
@@ -260,12 +260,12 @@ def test_positives_are_complete_locally_and_globally(toy):
             assert union_index[key] == set(q["pos_cand_list"]), (t.name, q["qid"])
     train_index = _content_index(toy["train_pool"])
     for q in toy["train_q"]:
-        key = (mbeir.task_modalities(q["task_id"])[1], sc.canonical(_toy(q["query_src_content"])["target"]))
+        key = (catalogue.task_modalities(q["task_id"])[1], sc.canonical(_toy(q["query_src_content"])["target"]))
         assert train_index[key] == set(q["pos_cand_list"]), q["qid"]
 
 
 def test_every_positive_has_a_one_attribute_distractor(toy):
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         pool = {c["did"]: _toy(c["src_content"])["attrs"] for c in toy["tasks"][t.name]["pool"]}
         for q in toy["tasks"][t.name]["queries"]:
             pos = set(q["pos_cand_list"])
@@ -281,7 +281,7 @@ def _random_hit_rate(n: int, p: int, k: int) -> float:
 def test_oracle_reading_attributes_wins_and_random_loses(toy):
     """Tasks 0-3 (text on one side): matching attribute words against true scene content ranks a
     positive within the top k for almost every query; random ranking almost never does."""
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         if t.task_id not in (0, 1, 2, 3):
             continue
         pool = toy["tasks"][t.name]["pool"]
@@ -381,7 +381,7 @@ def test_pretrain_pairs_and_info(toy):
     info = json.loads((root / INFO_FILE).read_text())
     assert info["seed"] == 0 and info["size"] == "small"
     assert info["union_test_pool"] == len(toy["union"]) and info["train"]["queries"] == len(toy["train_q"])
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         assert info["test"][t.name]["queries"] == len(toy["tasks"][t.name]["queries"])
     n_images = sum(1 for _ in (root / "mbeir_images").rglob("*.png")) + sum(
         1 for _ in (root / "pretrain/images").glob("*.png")

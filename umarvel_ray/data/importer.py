@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError, option, require_absolute
-from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.data import catalogue, instructions, jsonl, mbeir, writers
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def check_config(cfg: ImportConfig) -> None:
         raise ConfigError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     if not _NAME_RE.fullmatch(cfg.name) or cfg.name == "union":
         raise ConfigError(f"name must be lower-case letters, digits, _ or - (not 'union'), got {cfg.name!r}")
-    if cfg.name in {t.dataset.lower() for t in mbeir.MBEIR_TASKS}:
+    if cfg.name in {t.dataset.lower() for t in catalogue.MBEIR_TASKS}:
         raise ConfigError(f"name {cfg.name!r} is an M-BEIR dataset; pick another")
     if not 0 <= cfg.dataset_id < 2**31 or not 0.0 < cfg.test_fraction < 1.0:
         raise ConfigError("dataset_id must be >= 0 and test_fraction in (0, 1)")
@@ -442,17 +442,17 @@ def _write_layout(
             if not qs:
                 continue
             qf, pf, rf = task_paths(cfg.name, t, split)
-            res.files[qf] = mbeir.write_queries(out / qf, qs)
-            res.files[pf] = mbeir.write_pool(out / pf, [records[d] for d in pool])
-            res.files[rf] = mbeir.write_qrels(out / rf, mbeir.qrels_from_queries(qs))
+            res.files[qf] = writers.write_queries(out / qf, qs)
+            res.files[pf] = writers.write_pool(out / pf, [records[d] for d in pool])
+            res.files[rf] = writers.write_qrels(out / rf, writers.qrels_from_queries(qs))
             counts[f"task{t}"] = len(qs)
             if t not in written_tasks:
                 written_tasks.append(t)
         res.splits[split] = counts
     rows = [
-        mbeir.InstructionRow(*mbeir.task_modalities(t), cfg.name, ds, DEFAULT_PROMPTS[t]) for t in sorted(written_tasks)
+        instructions.InstructionRow(*catalogue.task_modalities(t), cfg.name, ds, DEFAULT_PROMPTS[t]) for t in sorted(written_tasks)
     ]
-    res.files[mbeir.INSTRUCTIONS_FILE] = mbeir.write_instructions(out / mbeir.INSTRUCTIONS_FILE, rows)
+    res.files[mbeir.INSTRUCTIONS_FILE] = instructions.write_instructions(out / mbeir.INSTRUCTIONS_FILE, rows)
 
 
 def _query(ds: int, n: int, txt: str | None, img: str | None, modality: str, pos: list[str], task: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.data import catalogue, instructions, jsonl, mbeir
 
 DEFAULT_KEEP = 1000
 
@@ -216,7 +216,7 @@ def validate_query_file(
                 scan.positives[qid] = frozenset(pos)
             if scan is not None and not bad & {"qid", "task_id", "query_modality"}:
                 ds = mbeir.split_id(qid)[0]
-                key = (ds, obj["query_modality"], mbeir.task_modalities(obj["task_id"])[1])
+                key = (ds, obj["query_modality"], catalogue.task_modalities(obj["task_id"])[1])
                 scan.instruction_keys.setdefault(key, n)
     except (OSError, UnicodeDecodeError) as e:
         rep.add(0, "<file>", f"cannot read: {e}")
@@ -271,7 +271,7 @@ def validate_instructions_file(
     rep = FileReport(str(path), "instructions", keep=keep)
     keys: dict[tuple[int, str, str], int] = {}
     try:
-        with open(path, encoding=mbeir.TSV_ENCODING, newline="") as f:
+        with open(path, encoding=instructions.TSV_ENCODING, newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = next(reader, None)
             names = [h.strip() for h in header] if header else []
@@ -287,7 +287,7 @@ def validate_instructions_file(
                 if not any(c.strip() for c in cells):
                     continue
                 rep.rows += 1
-                parsed = mbeir.parse_instruction_row(cells)
+                parsed = instructions.parse_instruction_row(cells)
                 if isinstance(parsed, tuple):
                     rep.add(n, parsed[0], parsed[1])
                     continue
@@ -363,7 +363,7 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
     # Tasks from the file names (the 16 M-BEIR ones and any other mbeir_<dataset>_task<N> files).
     from umarvel_ray.data.tasks import discover_tasks
 
-    found = [*mbeir.MBEIR_TASKS, *discover_tasks(root, "test"), *discover_tasks(root, "train")]
+    found = [*catalogue.MBEIR_TASKS, *discover_tasks(root, "test"), *discover_tasks(root, "train")]
     task_by_query = {t.query_file: t for t in found}
     task_by_qrels = {t.qrels_file: t for t in found}
     query_reports: dict[str, FileReport] = {}

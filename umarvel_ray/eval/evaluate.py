@@ -36,17 +36,16 @@ from typing import Any
 import numpy as np
 
 from umarvel_ray.config import ConfigError, check_model_dir, require_absolute, save_config
+from umarvel_ray.data.catalogue import MBEIR_TASKS, TaskSpec
 from umarvel_ray.data.mbeir import (
     GLOBAL_POOL_FILE,
     INSTRUCTIONS_FILE,
-    MBEIR_TASKS,
-    TEXT_RULES,
-    TaskSpec,
     iter_jsonl,
     read_pool,
     read_qrels,
     read_queries,
 )
+from umarvel_ray.data.model_items import TEXT_RULES
 from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, macro_average, run_from_search
 from umarvel_ray.eval.report import POOLS, run_path, write_report, write_trec_run

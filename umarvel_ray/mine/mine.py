@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed.run import EmbedConfig, EmbedResult, run_embedding
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
@@ -252,7 +252,7 @@ def qid_sort_key(qid: str) -> tuple[int, int, str]:
 
 def task_name(dataset_id: int, task_id: int) -> str:
     """M-BEIR task name as in MBEIR_TASKS ("mscoco_task0"); unknown datasets as "ds<id>_task<t>"."""
-    ds = mbeir.DATASET_NAMES.get(int(dataset_id))
+    ds = catalogue.DATASET_NAMES.get(int(dataset_id))
     return f"{ds.lower() if ds else f'ds{dataset_id}'}_task{int(task_id)}"
 
 
@@ -273,7 +273,7 @@ class QueryMeta:
 
     @property
     def target_modality(self) -> str:
-        return mbeir.task_modalities(self.task_id)[1]
+        return catalogue.task_modalities(self.task_id)[1]
 
 
 def read_query_meta(

@@ -257,7 +257,7 @@ def rose_and_fell(timeline: list[tuple[float, int]], load_stop_s: float) -> dict
 
 def build_pool(work: Path, pool_rows: int, seed: int) -> dict[str, Any]:
     """Tiny model + toy benchmark + an embedded and indexed pool, all written by the library."""
-    from umarvel_ray.data import mbeir
+    from umarvel_ray.data import mbeir, model_items
     from umarvel_ray.data.images import load_image
     from umarvel_ray.data.toy.builder import Preset, make_toy_mbeir
     from umarvel_ray.index import build_index
@@ -277,7 +277,7 @@ def build_pool(work: Path, pool_rows: int, seed: int) -> dict[str, Any]:
     px = (emb.cfg.inputs.min_pixels, emb.cfg.inputs.max_pixels)
     items = []
     for r in rows:
-        it = mbeir.candidate_item(r)
+        it = model_items.candidate_item(r)
         if it["image"]:
             it["image"] = load_image(data_root, it["image"], min_pixels=px[0], max_pixels=px[1])
         items.append(it)

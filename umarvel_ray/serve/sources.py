@@ -56,7 +56,7 @@ def _pixels(model_dir: str, meta_file: str) -> tuple[int, int]:
 
 def resolve_sources(cfg: ServeConfig) -> Sources:
     """Check the config against the files on disk; raise ConfigError naming the missing piece."""
-    from umarvel_ray.data.mbeir import TEXT_RULES
+    from umarvel_ray.data.model_items import TEXT_RULES
     from umarvel_ray.model.embedder import META_FILE as EMB_META
     from umarvel_ray.model.reranker import META_FILE as RR_META
 

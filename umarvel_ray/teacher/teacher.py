@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed import decode
 from umarvel_ray.embed.run import EmbedConfig, model_signature
@@ -185,7 +185,7 @@ def local_pool_mask(
     did_dataset_ids: np.ndarray, modalities: np.ndarray, dataset_id: int, task_id: int
 ) -> np.ndarray:
     """Rows of the union train pool that form a task's local pool (same dataset, task's cand modality)."""
-    cand_modality = mbeir.task_modalities(task_id)[1]
+    cand_modality = catalogue.task_modalities(task_id)[1]
     return (did_dataset_ids == int(dataset_id)) & (modalities == cand_modality)
 
 
@@ -408,7 +408,7 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
     if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
         raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")
-    known = {t.name for t in mbeir.MBEIR_TASKS}
+    known = {t.name for t in catalogue.MBEIR_TASKS}
     unknown = sorted(set(cfg.task_weights) - known)
     if unknown:
         log.warning("task_weights names no M-BEIR evaluation task: %s", unknown)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, mbeir, writers
 from umarvel_ray.data.toy import scenes as sc
 from umarvel_ray.data.toy.scenes import Group, Mutation, Scene
 
@@ -644,7 +644,7 @@ FAMILIES: dict[int, dict[str, _Family]] = {
 
 @dataclass
 class _TaskData:
-    spec: mbeir.TaskSpec
+    spec: catalogue.TaskSpec
     queries: list[dict[str, Any]]
     pool: list[dict[str, Any]]
 
@@ -652,7 +652,7 @@ class _TaskData:
 class _TaskBuilder:
     """Accepts proposals under the split's rules, then fills, shuffles and numbers the pool."""
 
-    def __init__(self, ctx: _Ctx, spec: mbeir.TaskSpec, split: str):
+    def __init__(self, ctx: _Ctx, spec: catalogue.TaskSpec, split: str):
         self.ctx, self.spec, self.split = ctx, spec, split
         self.rng = random.Random(f"{ctx.seed}:{split}:{spec.name}")
         self.family = FAMILIES[spec.task_id][spec.dataset]
@@ -825,11 +825,11 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def instruction_rows() -> list[mbeir.InstructionRow]:
+def instruction_rows() -> list[instructions.InstructionRow]:
     """The 16 instruction rows in MBEIR_TASKS order."""
     return [
-        mbeir.InstructionRow(t.query_modality, t.cand_modality, t.dataset, t.dataset_id, INSTRUCTIONS[t.name])
-        for t in mbeir.MBEIR_TASKS
+        instructions.InstructionRow(t.query_modality, t.cand_modality, t.dataset, t.dataset_id, INSTRUCTIONS[t.name])
+        for t in catalogue.MBEIR_TASKS
     ]
 
 
@@ -850,26 +850,26 @@ def make_toy_mbeir(
 
     tests = [
         _TaskBuilder(ctx, t, "test").build(preset.test_queries, preset.test_pool, preset.test_distractors)
-        for t in mbeir.MBEIR_TASKS
+        for t in catalogue.MBEIR_TASKS
     ]
     trains = [
         _TaskBuilder(ctx, t, "train").build(preset.train_queries, 0, preset.train_distractors)
-        for t in mbeir.MBEIR_TASKS
+        for t in catalogue.MBEIR_TASKS
     ]
     nli, caps = _pretrain(ctx, preset)
 
     union: list[dict[str, Any]] = []
     for td in tests:
-        mbeir.write_queries(out / td.spec.query_file, td.queries)
-        mbeir.write_pool(out / td.spec.pool_file, td.pool)
-        mbeir.write_qrels(out / td.spec.qrels_file, mbeir.qrels_from_queries(td.queries))
+        writers.write_queries(out / td.spec.query_file, td.queries)
+        writers.write_pool(out / td.spec.pool_file, td.pool)
+        writers.write_qrels(out / td.spec.qrels_file, writers.qrels_from_queries(td.queries))
         union.extend(td.pool)
-    mbeir.write_pool(out / mbeir.GLOBAL_POOL_FILE, union)
+    writers.write_pool(out / mbeir.GLOBAL_POOL_FILE, union)
     train_q = [q for td in trains for q in td.queries]
-    mbeir.write_queries(out / mbeir.TRAIN_QUERY_FILE, train_q)
-    mbeir.write_pool(out / mbeir.TRAIN_POOL_FILE, [c for td in trains for c in td.pool])
-    mbeir.write_qrels(out / TRAIN_QRELS_FILE, mbeir.qrels_from_queries(train_q))
-    mbeir.write_instructions(out / mbeir.INSTRUCTIONS_FILE, instruction_rows())
+    writers.write_queries(out / mbeir.TRAIN_QUERY_FILE, train_q)
+    writers.write_pool(out / mbeir.TRAIN_POOL_FILE, [c for td in trains for c in td.pool])
+    writers.write_qrels(out / TRAIN_QRELS_FILE, writers.qrels_from_queries(train_q))
+    instructions.write_instructions(out / mbeir.INSTRUCTIONS_FILE, instruction_rows())
     _write_jsonl(out / NLI_FILE, nli)
     _write_jsonl(out / CAPTION_FILE, caps)
     _write_images(out, ctx, workers)
