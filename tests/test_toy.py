@@ -1,7 +1,7 @@
 """The toy M-BEIR must be a faithful M-BEIR directory, deterministic, leak-free and learnable.
 
 Learnability is checked without a neural model: an oracle that reads the attribute words of the
-texts (scenes.LEXICON) and the true scene of each image ranks the positives first, random ranking
+texts (words.LEXICON) and the true scene of each image ranks the positives first, random ranking
 does not, and every positive has a one-attribute hard distractor in its pool.
 """
 
@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from umarvel_ray.data import catalogue, instructions, mbeir, model_items
+from umarvel_ray.data.toy import drawing, words
 from umarvel_ray.data.toy import scenes as sc
 from umarvel_ray.data.toy.builder import (
     CAPTION_FILE,
@@ -88,20 +89,20 @@ def test_mutations_change_exactly_one_attribute_and_render_deterministically():
             for m in ms:
                 assert sc.attr_distance(s.attrs(), sc.apply_mutation(s, m).attrs()) == 1, m
     s = sc.sample_scene(random.Random(1), "double")
-    a, b = sc.encode_png(sc.render(s, "x")), sc.encode_png(sc.render(s, "x"))
+    a, b = drawing.encode_png(drawing.render(s, "x")), drawing.encode_png(drawing.render(s, "x"))
     assert a == b
-    assert sc.render(s, "x").size == (sc.IMAGE_SIZE, sc.IMAGE_SIZE)
+    assert drawing.render(s, "x").size == (sc.IMAGE_SIZE, sc.IMAGE_SIZE)
     # one-attribute edits are visible in pixels
     m = sc.mutations(s, ("color",))[0]
-    assert sc.render(sc.apply_mutation(s, m), "x").tobytes() != sc.render(s, "x").tobytes()
+    assert drawing.render(sc.apply_mutation(s, m), "x").tobytes() != drawing.render(s, "x").tobytes()
 
 
 def _text_bag(text: str) -> Counter:
     """Attribute words of a text (positions and the optional word 'solid/plain' ignored)."""
     bag: Counter = Counter()
     for tok in re.findall(r"[a-z]+(?:-[a-z]+)?", text.lower()):
-        if tok in sc.LEXICON:
-            attr, val = sc.LEXICON[tok]
+        if tok in words.LEXICON:
+            attr, val = words.LEXICON[tok]
             if attr != "position" and not (attr == "texture" and val == "solid"):
                 bag[(attr, val)] += 1
     return bag
@@ -124,12 +125,12 @@ def test_captions_name_every_attribute(style):
     seen = set()
     for _ in range(200):
         s = sc.sample_scene(rng, "mixed")
-        text = sc.caption(s, rng, style)
+        text = words.caption(s, rng, style)
         seen.add(text)
         assert _text_bag(text) == _scene_bag(s.to_json()), text
     assert len(seen) == 200
     s = sc.sample_scene(random.Random(0), "single")
-    assert _text_bag(sc.caption(s, rng, "product")) == _scene_bag(s.to_json())
+    assert _text_bag(words.caption(s, rng, "product")) == _scene_bag(s.to_json())
 
 
 def test_refer_picks_exactly_one_group():
@@ -137,7 +138,7 @@ def test_refer_picks_exactly_one_group():
     for _ in range(100):
         s = sc.sample_scene(rng, "double")
         for i in range(2):
-            for ident in sc.refer_options(s, i, avoid=("color",)):
+            for ident in words.refer_options(s, i, avoid=("color",)):
                 assert "color" not in ident
                 hits = [g for g in s.groups if all(str(getattr(g, k)) == v for k, v in ident.items())]
                 assert hits == [s.groups[i]]
