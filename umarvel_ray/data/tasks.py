@@ -1,6 +1,6 @@
 """Tasks and pools of any directory laid out like M-BEIR, found from its file names.
 
-M-BEIR names each task's files after its dataset and task id (RECIPE.md section 2):
+M-BEIR names each task's files after its dataset and task id (UniIR's M-BEIR layout):
 `query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl`, its local pool
 `cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl` and its qrels
 `qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt`. Every query file of that shape is a
@@ -81,7 +81,7 @@ def discover_tasks(
     """Every task whose query file exists under `root/query/<split>/`, known ones first.
 
     `k` overrides the metric of tasks that are not among the 16 ({name: k}); the 16 keep the
-    published metric (RECIPE.md section 2), so asking to change one raises ValueError, as does an
+    published metric (R@10 for the Fashion tasks, R@5 for the rest), so asking to change one raises ValueError, as does an
     override for a task that is not in the directory.
     """
     root = Path(root)
@@ -192,8 +192,8 @@ def local_pool_files(root: str | Path) -> list[Path]:
 def upsample_factors(counts: Mapping[str, int], min_queries: int) -> dict[str, int]:
     """How many times each train file is repeated so that it has at least `min_queries` rows.
 
-    M-BEIR's `mbeir_union_up_train.jsonl` repeats the small datasets' training queries (RECIPE.md
-    section 2: "1.33M queries, small datasets up-sampled"; UniIR, Wei et al. 2023,
+    M-BEIR's `mbeir_union_up_train.jsonl` repeats the small datasets' training queries (1.33M
+    queries, the small datasets up-sampled; UniIR, Wei et al. 2023,
     arXiv:2311.17136). The published union file does not state the factors, so this rule is the
     project's: factor = ceil(min_queries / rows), at least 1; `min_queries=0` switches it off.
     """
