@@ -20,7 +20,7 @@ from umarvel_ray.serve.bench_report import DEPLOYMENT, rose_and_fell, scaling_ev
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from umarvel_ray.serve.bench import BenchSettings
 
-log = logging.getLogger("umarvel_ray.serve.bench")
+log = logging.getLogger("umarvel_ray.serve.bench")  # the bench's logger, as before the split
 
 HEADERS = {"content-type": "application/json"}
 
