@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.artefacts import read_negatives
 from umarvel_ray.embed.run import EmbedConfig
-from umarvel_ray.mine.mine import MineConfig, pad_repeat, read_negatives, run_mining, select_negatives
+from umarvel_ray.mine.mine import MineConfig, pad_repeat, run_mining, select_negatives
 
 # ---------------------------------------------------------------------------------------------
 # select_negatives (pure)

@@ -15,6 +15,7 @@ from bad_inputs import CASES, Q0, make_cases
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.embed import decode
 from umarvel_ray.embed.run import reject_non_finite
@@ -32,7 +33,6 @@ from umarvel_ray.eval.evaluate import (
 from umarvel_ray.index import NonFiniteVectorError, build_index
 from umarvel_ray.index.factory import factory_for_pool, min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
-from umarvel_ray.mine.mine import read_query_meta
 from umarvel_ray.store import read_embeddings, shard_name, write_manifest, write_shard
 from umarvel_ray.teacher.teacher import scan_offsets
 

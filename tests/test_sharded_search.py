@@ -198,8 +198,9 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
     shared,  # noqa: F811
     tmp_path,
 ):
+    from umarvel_ray.data.queries import read_query_meta
     from umarvel_ray.embed.run import EmbedConfig
-    from umarvel_ray.mine.mine import MineConfig, read_query_meta, run_mining
+    from umarvel_ray.mine.mine import MineConfig, run_mining
     from umarvel_ray.teacher.teacher import retrieve_local
 
     def mine(shards: int, strategy: str):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.artefacts import read_teacher
+from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.embed.run import EmbedConfig
-from umarvel_ray.mine.mine import read_query_meta
 from umarvel_ray.teacher.teacher import (
     TeacherConfig,
     local_pool_mask,
-    read_teacher,
     run_teacher_scoring,
     stratified_sample,
     task_weight,

@@ -251,19 +251,9 @@ def model_pixel_budget(model_dir: Path, adapter: str | None = None) -> tuple[int
     Same precedence as `Embedder.load`: the adapter's umarvel_embedder.json, else the model's, else
     the `InputConfig` defaults.
     """
-    from umarvel_ray.model.embedder import META_FILE
-    from umarvel_ray.model.inputs import InputConfig
+    from umarvel_ray.model.saved import saved_embedder_config, saved_pixel_budget
 
-    inputs: dict[str, Any] = {}
-    for d in (adapter, model_dir):
-        meta_file = Path(d) / META_FILE if d else None
-        if meta_file is not None and meta_file.is_file():
-            inputs = (json.loads(meta_file.read_text()).get("config") or {}).get("inputs") or {}
-            break
-    defaults = InputConfig()
-    return int(inputs.get("min_pixels", defaults.min_pixels)), int(
-        inputs.get("max_pixels", defaults.max_pixels)
-    )
+    return saved_pixel_budget(saved_embedder_config(model_dir, adapter))
 
 
 def model_signature(model_dir: Path, adapter: str | None) -> str:

@@ -26,7 +26,6 @@ checkpointed (they are cheap next to embedding and fully deterministic); a rerun
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -38,16 +37,16 @@ from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.artefacts import NO_NEGATIVES_FILE, write_negatives
+from umarvel_ray.data.queries import qid_sort_key, read_query_meta
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed.run import EmbedConfig, EmbedResult, run_embedding
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
-from umarvel_ray.io import atomic_write_json, atomic_write_lines, file_sha256, write_if_changed
+from umarvel_ray.io import atomic_write_json, file_sha256, write_if_changed
 
 log = logging.getLogger("umarvel_ray.mine")
 
 STRATEGIES = ("umarvel", "mmembed")
-NEGATIVES_NAME = "negatives.jsonl"
-NO_NEGATIVES_NAME = "no_negatives.jsonl"
 SUMMARY_NAME = "summary.json"
 PAD_ID = ""  # the index pads rows shorter than k with id "" (see umarvel_ray.index.base)
 
@@ -239,76 +238,6 @@ def resolve(base: Path, p: str | os.PathLike[str]) -> Path:
     """`p` if absolute, else relative to `base`."""
     q = Path(p).expanduser()
     return q if q.is_absolute() else base / q
-
-
-def qid_sort_key(qid: str) -> tuple[int, int, str]:
-    """Numeric (dataset_id, n) order for canonical ids, anything else after them by string."""
-    try:
-        ds, n = mbeir.split_id(qid)
-        return ds, n, ""
-    except ValueError:
-        return 1 << 62, 0, qid
-
-
-def task_name(dataset_id: int, task_id: int) -> str:
-    """M-BEIR task name as in MBEIR_TASKS ("mscoco_task0"); unknown datasets as "ds<id>_task<t>"."""
-    ds = mbeir.DATASET_NAMES.get(int(dataset_id))
-    return f"{ds.lower() if ds else f'ds{dataset_id}'}_task{int(task_id)}"
-
-
-@dataclass
-class QueryMeta:
-    """What mining and teacher scoring need to know about one training query."""
-
-    qid: str
-    task_id: int
-    dataset_id: int
-    positives: frozenset[str]
-    offset: int = -1  # byte offset of the record's line in its file
-    length: int = 0  # byte length of that line (newline included)
-
-    @property
-    def task(self) -> str:
-        return task_name(self.dataset_id, self.task_id)
-
-    @property
-    def target_modality(self) -> str:
-        return mbeir.task_modalities(self.task_id)[1]
-
-
-def read_query_meta(
-    path: Path, max_queries: int | None = None, keep_lines: bool = False
-) -> tuple[dict[str, QueryMeta], list[bytes], int, int]:
-    """Valid query records of `path` (first `max_queries` non-blank lines when set).
-
-    Lines are split by the one line reader (`data.jsonl`); a meta's (offset, length) is its line's
-    content (no BOM, no line end). Returns (qid -> meta, the non-blank lines, each re-ended with LF,
-    when `keep_lines`, lines read, invalid count).
-    Invalid records are counted, not raised: the embedding pipeline rejects them the same way.
-    Duplicate qids keep their first record (the embedding pipeline does the same).
-    """
-    from umarvel_ray.data.jsonl import iter_file_lines, parse_json
-
-    metas: dict[str, QueryMeta] = {}
-    lines: list[bytes] = []
-    n_read = invalid = 0
-    for ln in iter_file_lines(path):
-        if ln.blank:
-            continue
-        if max_queries is not None and n_read >= max_queries:
-            break
-        n_read += 1
-        if keep_lines:
-            lines.append(ln.content + b"\n")
-        obj, err = parse_json(ln.content)
-        if err is not None or mbeir.check_query_record(obj) or obj["qid"] in metas:
-            invalid += 1
-            continue
-        ds, _ = mbeir.split_id(obj["qid"])
-        metas[obj["qid"]] = QueryMeta(
-            obj["qid"], int(obj["task_id"]), ds, frozenset(obj["pos_cand_list"]), ln.start, len(ln.content)
-        )
-    return metas, lines, n_read, invalid
 
 
 def subset_input(path: Path, lines: list[bytes], embed_dir: Path, name: str) -> Path:
@@ -521,8 +450,7 @@ def run_mining(cfg: MineConfig) -> MineResult:
 
     records.sort(key=lambda r: qid_sort_key(r["qid"]))
     empty.sort(key=lambda r: qid_sort_key(r["qid"]))
-    neg_path = atomic_write_lines(out / NEGATIVES_NAME, (json.dumps(r) + "\n" for r in records))
-    atomic_write_lines(out / NO_NEGATIVES_NAME, (json.dumps(r) + "\n" for r in empty))
+    neg_path = write_negatives(out, records, empty)
     seconds = time.perf_counter() - t0
     counts: dict[str, Any] = {
         "queries_read": n_read,
@@ -551,19 +479,9 @@ def run_mining(cfg: MineConfig) -> MineResult:
         },
     )
     if empty:
-        log.warning("%d queries got no negatives at all (listed in %s)", len(empty), out / NO_NEGATIVES_NAME)
+        log.warning("%d queries got no negatives at all (listed in %s)", len(empty), out / NO_NEGATIVES_FILE)
     line = summary(f"mine {cfg.strategy}", **counts, seconds=f"{seconds:.1f}", output=str(neg_path))
     return MineResult(out, neg_path, counts, seconds, line)
-
-
-def read_negatives(path: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """negatives.jsonl (a file or its directory) -> {qid: neg_dids}."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / NEGATIVES_NAME
-    from umarvel_ray.data.jsonl import read_records
-
-    return {rec["qid"]: list(rec["neg_dids"]) for rec in read_records(p)}
 
 
 __all__ = [
@@ -571,7 +489,6 @@ __all__ = [
     "MineResult",
     "Selection",
     "pad_repeat",
-    "read_negatives",
     "run_mining",
     "select_negatives",
 ]

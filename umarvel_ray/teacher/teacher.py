@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,23 +43,17 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
+from umarvel_ray.data.artefacts import write_teacher
+from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed import decode
 from umarvel_ray.embed.run import EmbedConfig, model_signature
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
-from umarvel_ray.io import atomic_write_json, atomic_write_lines
-from umarvel_ray.mine.mine import (
-    QueryMeta,
-    ensure_embeddings,
-    qid_sort_key,
-    read_query_meta,
-    resolve,
-    subset_input,
-)
+from umarvel_ray.io import atomic_write_json
+from umarvel_ray.mine.mine import ensure_embeddings, resolve, subset_input
 
 log = logging.getLogger("umarvel_ray.teacher")
 
-TEACHER_NAME = "teacher.jsonl"
 SUMMARY_NAME = "summary.json"
 SHARDS_DIR = "_shards"
 DEFAULT_TASK_WEIGHTS = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
@@ -439,16 +432,9 @@ def scan_offsets(path: Path, wanted: set[str], id_key: str = "did") -> dict[str,
 
 def reranker_pixels(path: str, adapter: str | None) -> tuple[int, int]:
     """(min_pixels, max_pixels) from the re-ranker's saved config, without loading weights."""
-    from umarvel_ray.config import from_dict
-    from umarvel_ray.model.reranker import META_FILE, RerankerConfig
+    from umarvel_ray.model.saved import saved_pixel_budget, saved_reranker_config
 
-    for d in (adapter, path):
-        if d and (Path(d) / META_FILE).is_file():
-            data = json.loads((Path(d) / META_FILE).read_text()).get("config") or {}
-            cfg = from_dict(RerankerConfig, data)
-            return int(cfg.inputs.min_pixels), int(cfg.inputs.max_pixels)
-    cfg = RerankerConfig(model=path)
-    return int(cfg.inputs.min_pixels), int(cfg.inputs.max_pixels)
+    return saved_pixel_budget(saved_reranker_config(path, adapter))
 
 
 class LocalPool:
@@ -730,7 +716,7 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
                 raise RuntimeError(f"shard {s} missing after scoring")
             p_yes.update(loaded)
 
-    records: list[str] = []
+    records: list[dict[str, Any]] = []
     per_task: dict[str, dict[str, Any]] = {}
     n_pairs = n_dropped = 0
     for q in found:
@@ -751,20 +737,17 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
         t["queries"] += 1
         t["pairs"] += len(cands)
         records.append(
-            json.dumps(
-                {
-                    "qid": q.meta.qid,
-                    "task": q.meta.task,
-                    "weight": w,
-                    "candidates": cands,
-                    "cos": cos,
-                    "p_yes": probs,
-                    "scores": scores,
-                }
-            )
-            + "\n"
+            {
+                "qid": q.meta.qid,
+                "task": q.meta.task,
+                "weight": w,
+                "candidates": cands,
+                "cos": cos,
+                "p_yes": probs,
+                "scores": scores,
+            }
         )
-    teacher_path = atomic_write_lines(out / TEACHER_NAME, records)
+    teacher_path = write_teacher(out, records)
     seconds = time.perf_counter() - t0
     counts: dict[str, Any] = {
         "queries_read": n_read,
@@ -807,23 +790,12 @@ def _file_id(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def read_teacher(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """teacher.jsonl (a file or its directory) -> {qid: record}."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / TEACHER_NAME
-    from umarvel_ray.data.jsonl import read_records
-
-    return {rec["qid"]: rec for rec in read_records(p)}
-
-
 __all__ = [
     "RerankActor",
     "TeacherConfig",
     "TeacherResult",
     "decode_pairs",
     "local_pool_mask",
-    "read_teacher",
     "run_teacher_scoring",
     "stratified_sample",
     "task_weight",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from umarvel_ray.data.artefacts import read_negatives, read_teacher_rows
 from umarvel_ray.model.losses import split_chunks, stable_id
 from umarvel_ray.train.stages import TrainConfig
 
@@ -188,8 +189,7 @@ class MBEIRTrain:
         if num_negatives > 0:
             if negatives_path is None:
                 raise ValueError("num_negatives > 0 needs negatives_file (mined {qid, neg_dids} jsonl)")
-            for r in _read_jsonl(negatives_path):
-                self.negatives[str(r["qid"])] = [str(d) for d in r.get("neg_dids") or []]
+            self.negatives.update(read_negatives(negatives_path))
             before = len(self.queries)
             for q in self.queries:
                 pos = set(q["pos_cand_list"])
@@ -240,15 +240,11 @@ class DistillTeacher:
 
         queries = {q["qid"]: q for q in read_query_files(queries_path)}
         self.rows = []
-        for n, r in enumerate(_read_jsonl(teacher_path, limit), 1):
+        for n, r in enumerate(read_teacher_rows(teacher_path, limit), 1):
             qid = str(r.get("qid"))
-            cands, scores = r.get("candidates") or [], r.get("scores") or []
+            cands, scores = r["candidates"], r["scores"]
             if qid not in queries:
                 raise ValueError(f"{teacher_path}: row {n}: unknown qid {qid!r}")
-            if len(cands) != len(scores) or not cands:
-                raise ValueError(
-                    f"{teacher_path}: row {n}: candidates and scores must be non-empty and equal length"
-                )
             self.rows.append(
                 (
                     queries[qid],

@@ -382,13 +382,13 @@ def _prune(root: Path, keep: int) -> None:
 def _embedder_config(cfg: TrainConfig, use_gpu: bool) -> Any:
     """EmbedderConfig: the input model's saved config (if any) < this stage's settings."""
     from umarvel_ray.config import deep_update
-    from umarvel_ray.model.embedder import META_FILE, EmbedderConfig
+    from umarvel_ray.model.embedder import EmbedderConfig
+    from umarvel_ray.model.saved import EMBEDDER_META_FILE, read_saved_meta
 
     data = to_dict(EmbedderConfig())
-    meta_file = Path(cfg.model) / META_FILE
-    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_saved_meta(EMBEDDER_META_FILE, cfg.model)
     if meta.get("config"):
-        deep_update(data, meta["config"], str(meta_file))
+        deep_update(data, meta["config"], str(Path(cfg.model) / EMBEDDER_META_FILE))
     tau = float(meta["tau"]) if cfg.inherit_tau and "tau" in meta else cfg.tau_init
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_gpu else "float32")
     data.update(

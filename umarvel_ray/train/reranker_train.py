@@ -142,11 +142,11 @@ class RerankerTrainConfig:
 
     def negatives_path(self) -> Path:
         """The mined negatives jsonl (a directory means its negatives.jsonl, as `read_negatives`)."""
-        from umarvel_ray.mine.mine import NEGATIVES_NAME
+        from umarvel_ray.data.artefacts import negatives_file
 
         raw = self.negatives_file
         p = Path(raw.replace("{run_dir}", str(self.run_dir))) if "{run_dir}" in raw else self.data_path(raw)
-        return p / NEGATIVES_NAME if p.is_dir() else p
+        return negatives_file(p)
 
 
 # ----------------------------------------------------------------------------------------------
