@@ -323,8 +323,3 @@ class Reranker(nn.Module):
         finally:
             self.train(was_training)
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def prob_yes(logits: torch.Tensor) -> torch.Tensor:
-    """P(positive) from (B, 2) [pos, neg] logits; differentiable (for distillation teachers/tests)."""
-    return torch.softmax(logits.float(), dim=-1)[:, 0]
