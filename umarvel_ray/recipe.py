@@ -23,7 +23,7 @@ from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.eval.evaluate import EvalConfig
 from umarvel_ray.io import atomic_write_text
 from umarvel_ray.layout import RunLayout
-from umarvel_ray.mine.mine import MineConfig
+from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
 from umarvel_ray.teacher.teacher import TeacherConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
@@ -180,7 +180,7 @@ class Recipe:
         self._evaluate("final", self.latest_model())
 
     def step_mine(self) -> None:
-        from umarvel_ray.mine.mine import run_mining
+        from umarvel_ray.mine.run import run_mining
 
         out = self.layout.negatives_dir()
         if self.layout.negatives_file().exists():

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.config import ConfigError, require_absolute, save_config
+from umarvel_ray.config import ConfigError, require_absolute, resolve_against, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import write_teacher
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
@@ -50,7 +50,7 @@ from umarvel_ray.embed import decode
 from umarvel_ray.embed.run import EmbedConfig, model_signature
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json
-from umarvel_ray.mine.mine import ensure_embeddings, resolve, subset_input
+from umarvel_ray.mine.mine import ensure_embeddings, subset_input
 
 log = logging.getLogger("umarvel_ray.teacher")
 
@@ -669,7 +669,7 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     p_yes: dict[str, list[float | None]] = {}
     shards_written = shards_skipped = pairs_rejected = 0
     if cfg.reranker:
-        instr = resolve(root, cfg.embed.instructions)
+        instr = resolve_against(root, cfg.embed.instructions)
         min_px, max_px = reranker_pixels(cfg.reranker, cfg.reranker_adapter)
         pixels = (cfg.min_pixels or min_px, cfg.max_pixels or max_px)
         paths = {
