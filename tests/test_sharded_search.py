@@ -202,7 +202,7 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
     from umarvel_ray.embed.run import EmbedConfig
     from umarvel_ray.mine.config import MineConfig
     from umarvel_ray.mine.run import run_mining
-    from umarvel_ray.teacher.teacher import retrieve_local
+    from umarvel_ray.teacher.retrieve import retrieve_local
 
     def mine(shards: int, strategy: str):
         return run_mining(

@@ -25,7 +25,7 @@ from umarvel_ray.io import atomic_write_text
 from umarvel_ray.layout import RunLayout
 from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
-from umarvel_ray.teacher.teacher import TeacherConfig
+from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
 from umarvel_ray.train.stages import STAGE_ORDER, TrainJobConfig, stage_config
 
@@ -212,7 +212,7 @@ class Recipe:
         run_reranker_training(cfg)
 
     def step_teacher(self) -> None:
-        from umarvel_ray.teacher.teacher import run_teacher_scoring
+        from umarvel_ray.teacher.run import run_teacher_scoring
 
         if self.layout.teacher_file().exists():
             log.info("teacher: %s exists", self.layout.teacher_file())
