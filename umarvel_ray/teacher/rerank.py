@@ -280,6 +280,7 @@ class _ShardCollector:
         self.rejected = 0
 
     def take(self, batch: dict[str, np.ndarray]) -> None:
+        """Record one output batch: P(Yes) of its valid pairs, a logged reject for the others."""
         for s, qid, rank, p, rej in zip(
             batch["shard"], batch["qid"], batch["rank"], batch["p_yes"], batch["reject"], strict=True
         ):
@@ -294,6 +295,7 @@ class _ShardCollector:
                 self.commit(s, self.results.pop(s))
 
     def incomplete(self) -> list[int]:
+        """Shards still missing pairs (after the pipeline ended: a lost batch, never silently)."""
         return sorted(s for s in self.expected if self.received[s] != self.expected[s])
 
 
