@@ -205,7 +205,7 @@ def test_library_entry_points_refuse_relative_paths():
 
 
 def test_run_dir_template_without_a_run_dir_is_an_error(tmp_path, monkeypatch):
-    from umarvel_ray.mine.mine import MineConfig
+    from umarvel_ray.mine.config import MineConfig
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"query_file: .* uses \{run_dir\} but this config has no run_dir"):
@@ -213,7 +213,7 @@ def test_run_dir_template_without_a_run_dir_is_an_error(tmp_path, monkeypatch):
 
 
 def test_a_nested_section_takes_its_parents_data_root():
-    from umarvel_ray.mine.mine import MineConfig
+    from umarvel_ray.mine.config import MineConfig
 
     require_absolute(MineConfig(data_root="/data", output_dir="/out"))  # embed.instructions under /data
     with pytest.raises(ConfigError, match=r"MineConfig.embed.instructions='instructions/"):

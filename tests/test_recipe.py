@@ -9,9 +9,9 @@ import pytest
 
 from umarvel_ray.config import ConfigError, load_config
 from umarvel_ray.eval.evaluate import EvalConfig
-from umarvel_ray.mine.mine import MineConfig
+from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.recipe import STEPS, MissingStageOutput, Recipe, RecipeConfig
-from umarvel_ray.teacher.teacher import TeacherConfig
+from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
 from umarvel_ray.train.stages import TrainJobConfig
 

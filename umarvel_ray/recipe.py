@@ -23,9 +23,9 @@ from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.eval.evaluate import EvalConfig
 from umarvel_ray.io import atomic_write_text
 from umarvel_ray.layout import RunLayout
-from umarvel_ray.mine.mine import MineConfig
+from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
-from umarvel_ray.teacher.teacher import TeacherConfig
+from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.train.reranker_train import RerankerTrainConfig
 from umarvel_ray.train.stages import STAGE_ORDER, TrainJobConfig, stage_config
 
@@ -180,7 +180,7 @@ class Recipe:
         self._evaluate("final", self.latest_model())
 
     def step_mine(self) -> None:
-        from umarvel_ray.mine.mine import run_mining
+        from umarvel_ray.mine.run import run_mining
 
         out = self.layout.negatives_dir()
         if self.layout.negatives_file().exists():
@@ -212,7 +212,7 @@ class Recipe:
         run_reranker_training(cfg)
 
     def step_teacher(self) -> None:
-        from umarvel_ray.teacher.teacher import run_teacher_scoring
+        from umarvel_ray.teacher.run import run_teacher_scoring
 
         if self.layout.teacher_file().exists():
             log.info("teacher: %s exists", self.layout.teacher_file())
