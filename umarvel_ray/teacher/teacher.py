@@ -46,12 +46,12 @@ from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed import decode
+from umarvel_ray.embed.ensure import ensure_embeddings
 from umarvel_ray.embed.run import EmbedConfig, model_signature
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json, atomic_write_lines
 from umarvel_ray.mine.mine import (
     QueryMeta,
-    ensure_embeddings,
     qid_sort_key,
     read_query_meta,
     resolve,
