@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.eval.evaluate import EvalConfig
+from umarvel_ray.eval.plan import EvalConfig
 from umarvel_ray.mine.mine import MineConfig
 from umarvel_ray.progress import summary
 from umarvel_ray.teacher.teacher import TeacherConfig
