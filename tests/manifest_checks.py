@@ -208,8 +208,8 @@ def _actors(script: str, cfgs: list[Any]) -> list[Any]:
         "embed.py": lambda: [cfg],
         "mine_negatives.py": lambda: [cfg.embed],
         "teacher_scores.py": lambda: [cfg, cfg.embed],
-        "evaluate.py": lambda: [cfg],
-        "recipe.py": lambda: [cfg.eval, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
+        "evaluate.py": lambda: [cfg.embed],
+        "recipe.py": lambda: [cfg.eval.embed, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
     }.get(script, lambda: [])()
 
 

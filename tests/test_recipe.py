@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from umarvel_ray.config import ConfigError, load_config
-from umarvel_ray.eval.evaluate import EvalConfig
+from umarvel_ray.eval.plan import EvalConfig
 from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.recipe import STEPS, MissingStageOutput, Recipe, RecipeConfig
 from umarvel_ray.teacher.config import TeacherConfig

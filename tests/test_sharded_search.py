@@ -163,7 +163,9 @@ from test_mine import EMBED, shared  # noqa: E402,F401  (fixture: the toy train 
 
 
 def test_evaluation_identical_with_two_shards(ray_cluster, planted):  # noqa: F811
-    from umarvel_ray.eval.evaluate import EmbeddingSet, evaluate_stage, plan_tasks
+    from umarvel_ray.eval.embeddings import EmbeddingSet
+    from umarvel_ray.eval.evaluate import evaluate_stage
+    from umarvel_ray.eval.plan import plan_tasks
     from umarvel_ray.eval.report import run_path
 
     tasks = ["mscoco_task0", "webqa_task1", "nights_task4"]

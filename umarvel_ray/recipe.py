@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.eval.evaluate import EvalConfig
+from umarvel_ray.eval.plan import EvalConfig
 from umarvel_ray.io import atomic_write_text
 from umarvel_ray.layout import RunLayout
 from umarvel_ray.mine.config import MineConfig

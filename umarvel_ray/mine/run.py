@@ -29,10 +29,10 @@ from typing import Any
 
 from umarvel_ray.data.artefacts import NO_NEGATIVES_FILE, write_negatives
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
+from umarvel_ray.embed.ensure import ensure_embeddings, subset_input
 from umarvel_ray.embed.train_pool import SUMMARY_NAME, start_run
 from umarvel_ray.io import atomic_write_json
 from umarvel_ray.mine.config import MineConfig, MineResult, validate_config
-from umarvel_ray.mine.mine import ensure_embeddings, subset_input
 from umarvel_ray.mine.select import Selection, select_negatives
 
 log = logging.getLogger("umarvel_ray.mine")

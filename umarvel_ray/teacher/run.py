@@ -26,9 +26,9 @@ from typing import Any
 
 from umarvel_ray.data.artefacts import write_teacher
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
+from umarvel_ray.embed.ensure import ensure_embeddings, subset_input
 from umarvel_ray.embed.train_pool import SUMMARY_NAME, start_run
 from umarvel_ray.io import atomic_write_json
-from umarvel_ray.mine.mine import ensure_embeddings, subset_input
 from umarvel_ray.teacher.config import TeacherConfig, TeacherResult, validate_config
 from umarvel_ray.teacher.retrieve import retrieve_local
 from umarvel_ray.teacher.sample import sample_lines, stratified_sample
