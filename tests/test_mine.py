@@ -11,7 +11,7 @@ import pytest
 
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import read_negatives
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.mine.mine import MineConfig, pad_repeat, run_mining, select_negatives
 
 # ---------------------------------------------------------------------------------------------

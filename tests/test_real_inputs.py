@@ -18,7 +18,7 @@ from umarvel_ray.data import jsonl, mbeir
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.embed import decode
-from umarvel_ray.embed.run import reject_non_finite
+from umarvel_ray.embed.actor import reject_non_finite
 from umarvel_ray.eval.evaluate import (
     EmbeddingSet,
     EvalConfig,
@@ -353,7 +353,8 @@ def test_evaluate_reads_all_rows_and_small_pools_fall_back(case, cases, ray_clus
 
 @pytest.mark.ray
 def test_id_newline_refused_before_embedding_and_rejected_by_embed(cases, ray_cluster, tiny_model_dir, tmp_path):
-    from umarvel_ray.embed.run import EmbedConfig, run_embedding
+    from umarvel_ray.embed.config import EmbedConfig
+    from umarvel_ray.embed.run import run_embedding
 
     root = cases / "id_newline"
     with pytest.raises(InputError, match="mbeir_mscoco_task0_test.jsonl:2: field 'qid'"):

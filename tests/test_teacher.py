@@ -11,7 +11,7 @@ import pytest
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import read_teacher
 from umarvel_ray.data.queries import read_query_meta
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.teacher.teacher import (
     TeacherConfig,
     local_pool_mask,

@@ -521,7 +521,8 @@ def _embed_kwargs(cfg: EvalConfig) -> dict[str, Any]:
 
 def ensure_embedded(cfg: EvalConfig, name: str, input_path: Path, kind: str, emb: EmbeddingSet) -> Path:
     """Embed `input_path` into out_dir/embeddings/<name> unless a matching complete one exists."""
-    from umarvel_ray.embed.run import EmbedConfig, run_embedding
+    from umarvel_ray.embed.config import EmbedConfig
+    from umarvel_ray.embed.run import run_embedding
 
     base = Path(cfg.out_dir).expanduser() / EMBED_DIR
     out = base / name
@@ -971,7 +972,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     save_config(cfg, plan.out_dir)
     if not plan.tasks:
         raise ConfigError(f"nothing to evaluate in {plan.data_root}: {plan.skipped}")
-    from umarvel_ray.embed.run import model_dim
+    from umarvel_ray.embed.config import model_dim
 
     plan_indexes(cfg, pool_sizes(plan), model_dim(Path(cfg.model).expanduser()))
     emb = embed_stage(cfg, plan)

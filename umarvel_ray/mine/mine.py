@@ -40,7 +40,8 @@ from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import NO_NEGATIVES_FILE, write_negatives
 from umarvel_ray.data.queries import qid_sort_key, read_query_meta
 from umarvel_ray.data.tasks import job_train_inputs
-from umarvel_ray.embed.run import EmbedConfig, EmbedResult, run_embedding
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.embed.run import EmbedResult, run_embedding
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json, file_sha256, write_if_changed
 
@@ -260,7 +261,7 @@ def complete_embeddings_match(
     Also compares the query instruction settings; otherwise returns why the directory does not
     match (then `run_embedding` decides: resume, recompute, or refuse with a ConfigError).
     """
-    from umarvel_ray.embed.run import model_signature
+    from umarvel_ray.embed.config import model_signature
     from umarvel_ray.store import read_manifest
 
     manifest = read_manifest(output_dir) if output_dir.is_dir() else {}

@@ -47,7 +47,7 @@ from umarvel_ray.data.artefacts import write_teacher
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
 from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed import decode
-from umarvel_ray.embed.run import EmbedConfig, model_signature
+from umarvel_ray.embed.config import EmbedConfig, model_signature
 from umarvel_ray.index.options import index_shards_option, shard_cpus_option
 from umarvel_ray.io import atomic_write_json
 from umarvel_ray.mine.mine import ensure_embeddings, resolve, subset_input
