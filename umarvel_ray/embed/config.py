@@ -99,6 +99,8 @@ class EmbedConfig:
 
 @dataclass
 class ResolvedConfig:
+    """An `EmbedConfig` after `validate_config`: resolved paths and the effective pixel budget."""
+
     input: Path
     data_root: Path
     model: Path

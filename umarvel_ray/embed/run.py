@@ -23,11 +23,16 @@ checkpoint path plus filter actors, and cannot give the fixed, verifiable per-sh
 
 Restart: the input is split into deterministic shards of `shard_rows` consecutive lines. While
 running, `_progress.json` lists the committed shards (rows in/out/rejected, file size); the final
-`manifest.json` is written last and marks the directory complete (the store's convention, `umarvel_ray.store`). A
-rerun with the same fingerprint (input sha256, model files, kind, shard size, instruction and
-pixel settings) verifies every listed shard (parquet footer readable, row count, dim, file size,
-rejects file) and recomputes only shards that are missing or fail the check; stale temp files are
-removed. Rows are therefore written exactly once per input id, however often the job is killed.
+`manifest.json` is written last and marks the directory complete (the store's convention,
+`umarvel_ray/store.py`). A rerun with the same fingerprint (`config.settings_fingerprint`: input
+sha256, model files, kind, shard size, instruction and pixel settings) verifies every listed shard
+(parquet footer readable, row count, dim, file size, rejects file) and recomputes only shards that
+are missing or fail the check; stale temp files are removed (`commit.py` holds this restart
+contract). Rows are therefore written exactly once per input id, however often the job is killed.
+
+Modules: `config` (settings, validation, fingerprint), `decode` (the CPU stage), `actor` (the model
+stage), `commit` (shard commits and the restart contract), `dedup` (duplicate ids), this module
+(the dataset and the driver's steps).
 """
 
 from __future__ import annotations
