@@ -311,7 +311,7 @@ class Trigger(threading.Thread):
 
 def embed_config(model: Path, data: Path, work: Path) -> Any:
     """The embedding job of every embed scenario (the killed driver's and its resubmission's)."""
-    from umarvel_ray.embed.run import EmbedConfig
+    from umarvel_ray.embed.config import EmbedConfig
 
     return EmbedConfig(
         input=str(work / "pool.jsonl"),
@@ -353,7 +353,7 @@ def scenario_embed(model: Path, data: Path, work: Path, fault: str) -> dict[str,
     import ray
     import ray._private.state as state
 
-    from umarvel_ray.embed.run import PROGRESS_NAME
+    from umarvel_ray.embed.commit import PROGRESS_NAME
 
     valid_ids, bad = write_input(data, work / "pool.jsonl")
     cfg = embed_config(model, data, work)

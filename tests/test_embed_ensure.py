@@ -15,8 +15,8 @@ import pytest
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.embed import ensure
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.embed.ensure import embedding_settings, ensure_embeddings, why_not_reusable
-from umarvel_ray.embed.run import EmbedConfig
 from umarvel_ray.store import write_manifest
 
 

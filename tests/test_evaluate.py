@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, MBEIR_TASKS, TASKS_BY_NAME, read_qrels
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.embeddings import (
     EmbeddingSet,
     embed_input,

@@ -11,7 +11,7 @@ import pytest
 
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import read_negatives
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.mine.run import run_mining
 from umarvel_ray.mine.select import pad_repeat, select_negatives

@@ -18,7 +18,8 @@ from umarvel_ray.data import jsonl, mbeir
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.embed import decode
-from umarvel_ray.embed.run import EmbedConfig, reject_non_finite
+from umarvel_ray.embed.actor import reject_non_finite
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.embeddings import EmbeddingSet
 from umarvel_ray.eval.evaluate import evaluate_stage, run_evaluation
 from umarvel_ray.eval.plan import EvalConfig, InputError, plan_indexes, plan_tasks, pool_sizes, read_qids

@@ -11,7 +11,7 @@ import pytest
 from umarvel_ray.data import mbeir
 from umarvel_ray.data.artefacts import read_teacher
 from umarvel_ray.data.queries import read_query_meta
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.teacher.retrieve import local_pool_mask
 from umarvel_ray.teacher.run import run_teacher_scoring

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from umarvel_ray.io import read_json_or_none
+from umarvel_ray.io import atomic_write_json, read_json_or_none
 
 SHARD_GLOB = "part-*.parquet"
 MANIFEST_NAME = "manifest.json"
@@ -120,13 +120,20 @@ def write_shard(
 
 def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
     """Write manifest.json atomically (written last by the pipeline, so it marks completion)."""
+    return atomic_write_json(Path(directory) / MANIFEST_NAME, manifest)
+
+
+def remove_manifest(directory: str | os.PathLike[str]) -> None:
+    """Mark a directory incomplete (a writer is about to change its shards): drop manifest.json."""
+    (Path(directory) / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def remove_embeddings(directory: str | os.PathLike[str]) -> None:
+    """Delete every finished shard and the manifest (a writer starting over in `directory`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MANIFEST_NAME
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    for p in directory.glob(SHARD_GLOB):
+        p.unlink()
+    remove_manifest(directory)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -159,6 +166,17 @@ def list_shards(directory: str | os.PathLike[str]) -> list[Path]:
     if not shards:
         raise FileNotFoundError(f"no {SHARD_GLOB} in {directory}")
     return shards
+
+
+def shard_footer(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(rows, dim) of one shard from its parquet footer (no data read); raises if unreadable."""
+    pf = pq.ParquetFile(path)
+    return pf.metadata.num_rows, pf.schema_arrow.field("vector").type.list_size
+
+
+def read_shard_ids(path: str | os.PathLike[str]) -> pa.ChunkedArray:
+    """The id column of one shard, as arrow strings (no Python object per row)."""
+    return pq.read_table(path, columns=["id"]).column("id")
 
 
 def vectors_from_arrow(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

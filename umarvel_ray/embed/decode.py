@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.store import shard_name
+
 KINDS = ("candidate", "query")
 
 # Field names per input kind: (id, text, image path, modality).
@@ -88,11 +90,6 @@ class InputIndex:
     @property
     def rows_in(self) -> int:
         return sum(s.rows_in for s in self.shards)
-
-
-def shard_name(index: int) -> str:
-    """`part-00000.parquet` style name of shard `index`."""
-    return f"part-{index:05d}.parquet"
 
 
 def index_input(path: str | Path, shard_rows: int, chunk_rows: int) -> InputIndex:
@@ -263,10 +260,6 @@ def _cached_collator(model: str, adapter: str | None, overrides_json: str) -> An
 # ---------------------------------------------------------------------------------------------
 # The CPU stage
 # ---------------------------------------------------------------------------------------------
-
-# Meta columns of every row of a group (valid and rejected rows alike).
-META_COLUMNS = ("shard", "line", "id", "modality", "reject_field", "reject_reason")
-
 
 @dataclass
 class ParsedRow:

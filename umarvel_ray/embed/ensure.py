@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError
+from umarvel_ray.embed.config import EmbedConfig, settings_fingerprint, validate_config
 from umarvel_ray.embed.decode import index_input
-from umarvel_ray.embed.run import EmbedConfig, EmbedResult, _settings, run_embedding, validate_config
+from umarvel_ray.embed.run import EmbedResult, run_embedding
 from umarvel_ray.io import write_if_changed
 from umarvel_ray.store import read_manifest
 
@@ -32,7 +33,7 @@ def embedding_settings(cfg: EmbedConfig) -> dict[str, Any]:
     """The `settings` that `run_embedding(cfg)` would record in the manifest (its fingerprint),
     computed without Ray: the config checked as the job checks it, the input scanned once."""
     res = validate_config(cfg)
-    return _settings(cfg, res, index_input(res.input, cfg.shard_rows, cfg.chunk_rows))
+    return settings_fingerprint(cfg, res, index_input(res.input, cfg.shard_rows, cfg.chunk_rows))
 
 
 def why_not_reusable(cfg: EmbedConfig) -> str | None:

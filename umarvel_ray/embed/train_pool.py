@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.data import mbeir
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 
 C = TypeVar("C", bound="TrainPoolInputs")
 TrainPaths = tuple[Path, Path, Path, Path]  # (data_root, query file, pool file, output dir)

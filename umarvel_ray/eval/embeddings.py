@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel_ray.data.mbeir import iter_jsonl
-from umarvel_ray.embed.run import REJECTS_NAME
+from umarvel_ray.embed.commit import REJECTS_NAME
 from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan, read_dids, resolve_under
 from umarvel_ray.io import write_if_changed
 

@@ -141,7 +141,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     save_config(cfg, plan.out_dir)
     if not plan.tasks:
         raise ConfigError(f"nothing to evaluate in {plan.data_root}: {plan.skipped}")
-    from umarvel_ray.embed.run import model_dim
+    from umarvel_ray.embed.config import model_dim
 
     plan_indexes(cfg, pool_sizes(plan), model_dim(Path(cfg.model).expanduser()))
     emb = embed_stage(cfg, plan)

@@ -28,7 +28,7 @@ from umarvel_ray.data.mbeir import (
     read_queries,
 )
 from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
-from umarvel_ray.embed.run import EmbedConfig
+from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.report import POOLS
 from umarvel_ray.index.factory import RULE, factory_for_pool
 from umarvel_ray.index.options import SearchOptions

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import resolve_against
-from umarvel_ray.embed.run import model_signature
+from umarvel_ray.embed.config import model_signature
 from umarvel_ray.io import atomic_write_json
 from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.teacher.offsets import scan_offsets
