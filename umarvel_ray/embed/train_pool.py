@@ -59,12 +59,23 @@ class TrainPoolInputs:
     )
 
 
-def check_train_pool_inputs(cfg: TrainPoolInputs) -> None:
-    """The checks every such step makes first: an existing data_root and an output_dir."""
+def check_train_pool_inputs(cfg: TrainPoolInputs, model_fields: tuple[str, ...] = ("model",)) -> TrainPaths:
+    """The checks every such step makes, after its own: an existing data_root, an output_dir, the
+    search options, and existing model directories (`model_fields` of `cfg` that are set).
+    Returns (data_root, query file, pool file, output dir); ConfigError names the field."""
+    from umarvel_ray.data.tasks import job_train_inputs
+    from umarvel_ray.index.options import check_search_options
+
     if not cfg.data_root or not Path(cfg.data_root).expanduser().is_dir():
         raise ConfigError(f"data_root must be an existing directory, got {cfg.data_root!r}")
     if not cfg.output_dir:
         raise ConfigError("output_dir is required")
+    check_search_options(cfg)
+    for name in model_fields:
+        value = getattr(cfg, name)
+        if value and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{name} directory not found: {value}")
+    return job_train_inputs(cfg.data_root, cfg.query_file, cfg.pool_file, cfg.output_dir)
 
 
 def start_run(cfg: C, validate: Callable[[C], TrainPaths]) -> TrainPaths:

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed.train_pool import StepResult, TrainPoolInputs, check_train_pool_inputs
-from umarvel_ray.index.options import SearchOptions, check_search_options
+from umarvel_ray.index.options import SearchOptions
 from umarvel_ray.mine.select import STRATEGIES
 
 
@@ -50,18 +49,14 @@ class MineResult(StepResult):
 
 def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
     """(data_root, query file, pool file, output dir) after checking the config."""
-    check_train_pool_inputs(cfg)
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.depth < 1 or cfg.num_negatives < 1 or cfg.search_batch < 1:
         raise ConfigError("depth, num_negatives and search_batch must be >= 1")
-    check_search_options(cfg)
     if cfg.max_queries is not None and cfg.max_queries < 1:
         raise ConfigError(f"max_queries must be >= 1 or null, got {cfg.max_queries}")
     if len(cfg.c2_ranks) != 2 or not 1 <= cfg.c2_ranks[0] <= cfg.c2_ranks[1]:
         raise ConfigError(f"c2_ranks must be [lo, hi] with 1 <= lo <= hi, got {cfg.c2_ranks}")
     if cfg.strategy == "mmembed" and cfg.depth < cfg.c2_ranks[1]:
         raise ConfigError(f"mmembed needs depth >= {cfg.c2_ranks[1]} (c2_ranks), got {cfg.depth}")
-    if cfg.model and not Path(cfg.model).expanduser().is_dir():
-        raise ConfigError(f"model directory not found: {cfg.model}")
-    return job_train_inputs(cfg.data_root, cfg.query_file, cfg.pool_file, cfg.output_dir)
+    return check_train_pool_inputs(cfg)

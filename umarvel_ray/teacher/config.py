@@ -8,9 +8,8 @@ from pathlib import Path
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import mbeir
-from umarvel_ray.data.tasks import job_train_inputs
 from umarvel_ray.embed.train_pool import StepResult, TrainPoolInputs, check_train_pool_inputs
-from umarvel_ray.index.options import SearchOptions, check_search_options
+from umarvel_ray.index.options import SearchOptions
 
 log = logging.getLogger("umarvel_ray.teacher")
 
@@ -74,7 +73,6 @@ class TeacherResult(StepResult):
 
 def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
     """(data_root, query file, pool file, output dir) after checking the config."""
-    check_train_pool_inputs(cfg)
     if not 0.0 < cfg.fraction <= 1.0:
         raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
     if cfg.min_per_task < 0 or (cfg.max_per_task is not None and cfg.max_per_task < 1):
@@ -84,13 +82,8 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    check_search_options(cfg)
     known = {t.name for t in mbeir.MBEIR_TASKS}
     unknown = sorted(set(cfg.task_weights) - known)
     if unknown:
         log.warning("task_weights names no M-BEIR evaluation task: %s", unknown)
-    for name in ("model", "reranker"):
-        v = getattr(cfg, name)
-        if v and not Path(v).expanduser().is_dir():
-            raise ConfigError(f"{name} directory not found: {v}")
-    return job_train_inputs(cfg.data_root, cfg.query_file, cfg.pool_file, cfg.output_dir)
+    return check_train_pool_inputs(cfg, model_fields=("model", "reranker"))
