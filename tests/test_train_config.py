@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from umarvel_ray.config import ConfigError, load_config
-from umarvel_ray.train.loop import deepspeed_config, lr_lambda, zero_template
-from umarvel_ray.train.stages import STAGE_PRESETS, TrainConfig, TrainJobConfig, resolve_stages, stage_config
+from umarvel_ray.train.config import STAGE_PRESETS, TrainConfig, TrainJobConfig, resolve_stages, stage_config
+from umarvel_ray.train.engine import deepspeed_config, lr_lambda, zero_template
 
 REPO = Path(__file__).resolve().parents[1]
 
