@@ -2,7 +2,7 @@
 stage, the recipe's five presets, the chain.
 
 A stage config is resolved in layers, each overriding the one before:
-`TrainConfig` defaults -> the stage preset (the U-MARVEL paper's per-stage training table) -> the
+`TrainConfig` defaults -> the stage preset (the stage table of docs/RECIPE.md section 3) -> the
 job YAML's `common` section -> the job YAML's `<stage>` section -> CLI `stageN.key=value` /
 `common.key=value`.
 An empty `model` means "the merged model of the previous stage of the chain" (the base model for
@@ -174,7 +174,7 @@ class TrainConfig(LoraRunConfig):
         return self.inject_failure_at_step
 
 
-# The U-MARVEL paper's per-stage training table (its section 3). Only what differs from the TrainConfig defaults is listed.
+# The stage table of docs/RECIPE.md section 3. Only what differs from the TrainConfig defaults is listed.
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "stage1": dict(
         data_kind="nli",

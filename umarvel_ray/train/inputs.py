@@ -1,6 +1,6 @@
 """Refuse a training stage whose input files are not there, before Ray or DeepSpeed start.
 
-Stages 1-2 (the paper's progressive transition, its section 3) train on external pairs the paper takes
+Stages 1-2 (progressive transition, docs/RECIPE.md section 3) train on external pairs the paper takes
 from SimCSE's NLI set and CC3M; only the toy generator writes them. A directory of one's own
 usually has none, so the message says which file to provide, in what format, and how to start the
 chain at stage 3 instead. Stages 3-5 need the union train file or per-task train files.

@@ -1,8 +1,8 @@
 """Train the U-MARVEL re-ranker: a causal Qwen2-VL judge (LoRA, LM head) on Yes/No pairs.
 
-The paper's recipe (its section 3): every training query gives one pair (query, positive)
+docs/RECIPE.md section 3: every training query gives one pair (query, positive)
 labelled "Yes" and `negatives_per_positive` pairs (query, mined negative) labelled "No", the
-negatives coming from the stage-3 model's top-100 (`mine/mine.py` output, {qid, neg_dids}). The
+negatives coming from the stage-3 model's top-100 (jobs/mine_negatives.py output, {qid, neg_dids}). The
 loss is the SFT cross-entropy of the answer token (`Reranker.loss`); the score at inference is
 P(Yes).
 
