@@ -22,11 +22,9 @@ import numpy as np
 import torch
 
 from umarvel_ray.model.losses import split_chunks, stable_id
+from umarvel_ray.train.data import Example, Item
 
 log = logging.getLogger(__name__)
-
-Item = dict[str, Any]
-Example = dict[str, Any]
 
 
 def item_id(item: Item) -> int:

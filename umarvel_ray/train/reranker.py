@@ -54,6 +54,8 @@ class RerankerTrainConfig(LoraRunConfig):
         "mined negatives {qid, neg_dids} (file or its dir) from the stage-3 model's top-100; "
         "a '{run_dir}' path is taken as is, other relative paths resolve under data_root", path="data")
     negatives_per_positive: int = option(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
+    max_examples: int = option(0, "use only the first N training queries (0 = all)")
+    per_device_batch: int = option(8, "pairs per worker per step")
     # --- model
     judge: str = option("yes_no", "yes_no (U-MARVEL) | true_false (MM-Embed prompt)")
     reranker: dict = option({}, "extra RerankerConfig overrides, e.g. {inputs: {max_pixels: 2352}}")
