@@ -29,7 +29,7 @@ from umarvel_ray.config import (
     resolve_paths,
 )
 from umarvel_ray.recipe import Recipe, RecipeConfig
-from umarvel_ray.train.stages import STAGE_ORDER, TrainConfig, TrainJobConfig, resolve_stages, stage_config
+from umarvel_ray.train.config import STAGE_ORDER, TrainConfig, TrainJobConfig, resolve_stages, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Names that hold a path (or a model that may be a local directory) in this project's configs.

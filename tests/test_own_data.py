@@ -245,8 +245,8 @@ def test_stages_4_5_without_their_mined_files_stop_before_any_work(user, monkeyp
 
 @pytest.mark.ray
 def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir, tmp_path, capsys):
-    from umarvel_ray.train.stages import TrainConfig
-    from umarvel_ray.train.trainer import run_stage
+    from umarvel_ray.train.config import TrainConfig
+    from umarvel_ray.train.launch import run_stage
 
     out = user["out"]
     cfg = TrainConfig(stage="stage3", run_dir=str(tmp_path / "run"), model=str(tiny_model_dir),

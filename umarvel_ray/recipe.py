@@ -26,8 +26,8 @@ from umarvel_ray.layout import RunLayout
 from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.train.reranker_train import RerankerTrainConfig
-from umarvel_ray.train.stages import STAGE_ORDER, TrainJobConfig, stage_config
+from umarvel_ray.train.config import STAGE_ORDER, TrainJobConfig, stage_config
+from umarvel_ray.train.reranker import RerankerTrainConfig
 
 log = logging.getLogger("umarvel_ray.recipe")
 
@@ -155,7 +155,7 @@ class Recipe:
         make_tiny_qwen2vl(self.base_model_dir, seed=0)
 
     def _train(self, stage: str) -> None:
-        from umarvel_ray.train.trainer import run_stage
+        from umarvel_ray.train.launch import run_stage
 
         if stage not in self.cfg.train.stages:
             log.info("%s: not in train.stages, skipped", stage)
@@ -199,7 +199,7 @@ class Recipe:
         return self.layout.reranker_model()
 
     def step_reranker(self) -> None:
-        from umarvel_ray.train.reranker_train import run_reranker_training
+        from umarvel_ray.train.launch import run_reranker_training
 
         cfg = dataclasses.replace(
             self.cfg.reranker,
