@@ -217,7 +217,8 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, str, dict[
 
 def run_pipeline(root: Path, rel: str, model: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One `run_embedding` call, timed end to end by the pipeline itself."""
-    from umarvel_ray.embed.run import EmbedConfig, run_embedding
+    from umarvel_ray.embed.config import EmbedConfig
+    from umarvel_ray.embed.run import run_embedding
 
     cfg = EmbedConfig(
         input=rel,
@@ -419,7 +420,8 @@ def run_actor_loop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
     from umarvel_ray.embed import decode
-    from umarvel_ray.embed.run import EmbedActor, model_pixel_budget
+    from umarvel_ray.embed.actor import EmbedActor
+    from umarvel_ray.embed.config import model_pixel_budget
     from umarvel_ray.model.backbone import resolve_dtype
     from umarvel_ray.model.embedder import Embedder
     from umarvel_ray.model.tiny import make_tiny_qwen2vl
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             from umarvel_ray.model.tiny import make_tiny_qwen2vl
 
             model = make_tiny_qwen2vl(work / "tiny_model", seed=0)
-        from umarvel_ray.embed.run import model_pixel_budget
+        from umarvel_ray.embed.config import model_pixel_budget
 
         model_budget = model_pixel_budget(model)
         budget = (args.min_pixels or model_budget[0], args.max_pixels or model_budget[1])

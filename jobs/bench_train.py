@@ -4,7 +4,7 @@
     python jobs/bench_train.py --workers 1,2 --steps 20 --batch 32 --zero 2
     python jobs/bench_train.py --mode mfu --size 2b --device cuda   # Qwen2-VL-2B-sized LoRA step
 
-Scaling mode runs the real training step (`umarvel_ray.train.loop.train_step`: DeepSpeed engine,
+Scaling mode runs the real training step (`umarvel_ray.train.embedder.train_step`: DeepSpeed engine,
 LoRA embedder, gathered InfoNCE) in N processes over gloo, one torch thread each (weak scaling:
 fixed per-worker batch, so in-batch negatives grow with N). Scaling efficiency =
 samples/s(N) / (N x samples/s(1)). Peak RSS is each worker's ru_maxrss.
@@ -105,8 +105,9 @@ def _batch(embedder: Any, n: int, micro: int, image_fraction: float, side: int, 
 
 
 def _engine(embedder: Any, zero: int, batch: int, micro: int, bf16: bool) -> Any:
-    from umarvel_ray.train.loop import TrainModule, deepspeed_config, import_deepspeed
-    from umarvel_ray.train.stages import TrainConfig
+    from umarvel_ray.train.config import TrainConfig
+    from umarvel_ray.train.embedder import TrainModule
+    from umarvel_ray.train.engine import deepspeed_config, import_deepspeed
 
     ds = import_deepspeed()
     cfg = TrainConfig(data_kind="nli", per_device_batch=batch, micro_batch=micro, zero_stage=zero, lr=1e-4)
@@ -120,7 +121,7 @@ def _engine(embedder: Any, zero: int, batch: int, micro: int, bf16: bool) -> Any
 
 
 def _timed_steps(engine: Any, cfg: Any, batches: list[Any], warmup: int, steps: int, sync: Any) -> float:
-    from umarvel_ray.train.loop import make_loss_fn, train_step
+    from umarvel_ray.train.embedder import make_loss_fn, train_step
 
     for i in range(warmup):
         train_step(engine, batches[i % len(batches)], make_loss_fn(cfg, batches[i % len(batches)]))
@@ -149,7 +150,7 @@ def _scaling_worker(rank: int, world: int, port: int, args: dict, model_dir: str
 
     torch.set_num_threads(args["threads"])
     from umarvel_ray.model.embedder import Embedder, EmbedderConfig, LoraConfig
-    from umarvel_ray.train.loop import init_distributed
+    from umarvel_ray.train.engine import init_distributed
 
     init_distributed(use_gpu=False)
     torch.manual_seed(0)
@@ -222,7 +223,7 @@ def run_mfu(args: argparse.Namespace) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible")
     if args.engine == "deepspeed":
-        from umarvel_ray.train.loop import init_distributed
+        from umarvel_ray.train.engine import init_distributed
 
         os.environ.setdefault("MASTER_PORT", "29533")
         init_distributed(use_gpu=cuda)
@@ -259,8 +260,8 @@ def run_mfu(args: argparse.Namespace) -> dict:
     side = 448 if args.size == "2b" else 84
     batches = [_batch(emb, args.batch, args.micro_batch, args.images, side, seed=i) for i in range(2)]
     if args.engine == "torch":
-        from umarvel_ray.train.loop import TrainModule
-        from umarvel_ray.train.stages import TrainConfig
+        from umarvel_ray.train.config import TrainConfig
+        from umarvel_ray.train.embedder import TrainModule
         from umarvel_ray.train.torch_engine import TorchEngine
 
         tcfg = TrainConfig(data_kind="nli", per_device_batch=args.batch, micro_batch=args.micro_batch, lr=1e-4)

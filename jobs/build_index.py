@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config error: %s", exc)
         return 2
-    from umarvel_ray.eval.evaluate import PoolEmbeddings, read_dids
+    from umarvel_ray.eval.plan import read_dids
     from umarvel_ray.index import build_index, build_index_from_embeddings
+    from umarvel_ray.store import PoolEmbeddings
 
     t0 = time.perf_counter()
     opts = dict(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.embed.run import EmbedConfig, run_embedding
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.embed.run import run_embedding
 
 
 def main(argv: list[str] | None = None) -> int:

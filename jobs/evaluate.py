@@ -3,7 +3,7 @@
     python jobs/evaluate.py data_root=/data/M-BEIR model=runs/stage3/merged out_dir=runs/eval
     python jobs/evaluate.py data_root=data/toy_mbeir model=runs/toy/stage3/model out_dir=runs/toy-eval \\
         tasks=[mscoco_task0,cirr_task7] \\
-        pools=[local] instruction=fixed prompt_index=0 use_gpu=false
+        pools=[local] embed.prompt_index=0 embed.use_gpu=false
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/evaluate.py --config CFG ...
 
 Embeds the queries and the global union pool once (Ray Data), cuts each task's local index out of
@@ -21,7 +21,8 @@ import sys
 from typing import Any
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.eval.evaluate import EvalConfig, run_evaluation
+from umarvel_ray.eval.evaluate import run_evaluation
+from umarvel_ray.eval.plan import EvalConfig
 
 
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.mine.mine import MineConfig, run_mining
+from umarvel_ray.mine.config import MineConfig
+from umarvel_ray.mine.run import run_mining
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.teacher.teacher import TeacherConfig, run_teacher_scoring
+from umarvel_ray.teacher.config import TeacherConfig
+from umarvel_ray.teacher.run import run_teacher_scoring
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ log = logging.getLogger("umarvel_ray.jobs.train")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `--config FILE [--stage NAME] key=value ...`, run the stages, return the exit code."""
+    from umarvel_ray.train.config import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
     from umarvel_ray.train.inputs import check_between_stage_files, check_stage_inputs
-    from umarvel_ray.train.stages import TrainConfig, TrainJobConfig, check_start_model, resolve_stages
 
     setup_logging()
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help is not --help-stage
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from umarvel_ray.runtime import ensure_ray
-        from umarvel_ray.train.trainer import run_stage
+        from umarvel_ray.train.launch import run_stage
 
         ensure_ray()
         for cfg in stages:

@@ -20,7 +20,7 @@ from umarvel_ray.progress import summary
 
 
 def _train(cfg: object) -> Path:
-    from umarvel_ray.train.reranker_train import run_reranker_training
+    from umarvel_ray.train.launch import run_reranker_training
 
     out = run_reranker_training(cfg)
     summary("train reranker", model_dir=str(out))
@@ -28,7 +28,7 @@ def _train(cfg: object) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from umarvel_ray.train.reranker_train import RerankerTrainConfig, check_reranker_inputs
+    from umarvel_ray.train.reranker import RerankerTrainConfig, check_reranker_inputs
 
     return run_job(
         RerankerTrainConfig, _train, argv, __doc__, "reranker", needs_ray=True, check=check_reranker_inputs

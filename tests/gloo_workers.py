@@ -24,8 +24,8 @@ mod, fn = sys.argv[1].split(":")
 getattr(importlib.import_module(mod), fn)(json.loads(sys.argv[2]))
 """
 
-EMBEDDER_LOOP = "umarvel_ray.train.loop:train_loop_per_worker"
-RERANKER_LOOP = "umarvel_ray.train.reranker_train:train_loop_per_worker"
+EMBEDDER_LOOP = "umarvel_ray.train.embedder:train_loop_per_worker"
+RERANKER_LOOP = "umarvel_ray.train.reranker:train_loop_per_worker"
 
 
 def free_port() -> int:

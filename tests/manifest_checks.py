@@ -162,7 +162,7 @@ def entrypoint_configs(entrypoint: str, where: str) -> tuple[str, list[Any]]:
     if script.name != "train.py":
         return script.name, [cfg]
     from umarvel_ray.config import ConfigError
-    from umarvel_ray.train.stages import resolve_stages
+    from umarvel_ray.train.config import resolve_stages
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--stage", default=None)
@@ -175,7 +175,7 @@ def entrypoint_configs(entrypoint: str, where: str) -> tuple[str, list[Any]]:
 
 def stage_configs(recipe: Any) -> list[Any]:
     from umarvel_ray.recipe import Recipe
-    from umarvel_ray.train.stages import stage_config
+    from umarvel_ray.train.config import stage_config
 
     job = Recipe(recipe).train_job()
     return [stage_config(job, s) for s in recipe.train.stages]
@@ -208,8 +208,8 @@ def _actors(script: str, cfgs: list[Any]) -> list[Any]:
         "embed.py": lambda: [cfg],
         "mine_negatives.py": lambda: [cfg.embed],
         "teacher_scores.py": lambda: [cfg, cfg.embed],
-        "evaluate.py": lambda: [cfg],
-        "recipe.py": lambda: [cfg.eval, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
+        "evaluate.py": lambda: [cfg.embed],
+        "recipe.py": lambda: [cfg.eval.embed, cfg.mine.embed, cfg.teacher, cfg.teacher.embed],
     }.get(script, lambda: [])()
 
 

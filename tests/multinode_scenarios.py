@@ -118,14 +118,14 @@ def recording_loop(log_dir: str, pause_on_node: str | None) -> Callable[[dict[st
         import ray
         import ray.train
 
-        from umarvel_ray.train import loop as train_loop
+        from umarvel_ray.train import embedder, worker
 
         rank = ray.train.get_context().get_world_rank()
         node = ray.get_runtime_context().get_node_id()
         where = {"rank": rank, "node_id": node, "pid": os.getpid()}
         (Path(log_dir) / f"rank{rank}-{os.getpid()}.json").write_text(json.dumps(where))
         if node == pause_on_node:
-            report = train_loop.checkpoint_or_report
+            report = worker.checkpoint_or_report
 
             def report_then_pause(engine: Any, cfg: Any, step: int, *args: Any) -> None:
                 report(engine, cfg, step, *args)
@@ -133,8 +133,8 @@ def recording_loop(log_dir: str, pause_on_node: str | None) -> Callable[[dict[st
                     (Path(log_dir) / PAUSED).write_text(str(os.getpid()))
                     time.sleep(600)  # until the node goes
 
-            train_loop.checkpoint_or_report = report_then_pause
-        train_loop.train_loop_per_worker(config)
+            worker.checkpoint_or_report = report_then_pause
+        embedder.train_loop_per_worker(config)
 
     return loop
 
@@ -143,9 +143,10 @@ def scenario_train(model: Path, data: Path, work: Path, node_loss: bool) -> dict
     """Two ranks, one per node. With `node_loss`, the worker node is removed while its rank is
     paused after step 3 and a new node joins (as an autoscaler would replace it): Ray Train
     restarts the group (max_failures=1) from the step-2 checkpoint and the run finishes."""
-    from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-    from umarvel_ray.train.stages import TrainConfig
-    from umarvel_ray.train.trainer import stage_done, torch_trainer
+    from umarvel_ray.layout import STEPS_FILE
+    from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+    from umarvel_ray.train.config import TrainConfig
+    from umarvel_ray.train.launch import stage_done, torch_trainer
 
     total = 4 if node_loss else 3
     cfg = TrainConfig(
@@ -311,7 +312,7 @@ class Trigger(threading.Thread):
 
 def embed_config(model: Path, data: Path, work: Path) -> Any:
     """The embedding job of every embed scenario (the killed driver's and its resubmission's)."""
-    from umarvel_ray.embed.run import EmbedConfig
+    from umarvel_ray.embed.config import EmbedConfig
 
     return EmbedConfig(
         input=str(work / "pool.jsonl"),
@@ -353,7 +354,7 @@ def scenario_embed(model: Path, data: Path, work: Path, fault: str) -> dict[str,
     import ray
     import ray._private.state as state
 
-    from umarvel_ray.embed.run import PROGRESS_NAME
+    from umarvel_ray.embed.commit import PROGRESS_NAME
 
     valid_ids, bad = write_input(data, work / "pool.jsonl")
     cfg = embed_config(model, data, work)

@@ -23,11 +23,12 @@ import pytest
 from gloo_workers import EMBEDDER_LOOP, RERANKER_LOOP, check, run_workers
 from probes import embed, probe_items
 
+from umarvel_ray.layout import STEPS_FILE
+from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
 from umarvel_ray.model.embedder import EmbedderConfig
 from umarvel_ray.model.inputs import FORMATS, InputConfig
 from umarvel_ray.model.reranker import JUDGES
-from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-from umarvel_ray.train.stages import OBJECTIVES, TrainConfig
+from umarvel_ray.train.config import OBJECTIVES, TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -231,7 +232,7 @@ def test_reranker_cell_trains_and_merges(cell, tmp_path, tiny_model_dir, toy_mbe
 
     from umarvel_ray.data.images import load_image
     from umarvel_ray.model.reranker import Reranker
-    from umarvel_ray.train.reranker_train import RerankPairs
+    from umarvel_ray.train.reranker import RerankPairs
 
     zero, judge, dtype = cell
     cfg = _cfg(

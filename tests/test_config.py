@@ -68,7 +68,7 @@ def test_section_inherits_shared_top_level_keys(tmp_path):
 def test_yaml_boolean_into_a_string_field_keeps_the_word():
     """`use_gpu=true` on a str field (auto|true|false) is YAML's boolean: it must arrive as 'true',
     not Python's 'True', which the jobs' own value checks refuse."""
-    from umarvel_ray.embed.run import EmbedConfig
+    from umarvel_ray.embed.config import EmbedConfig
 
     assert load_config(Outer, None, ["name=true"]).name == "true"
     assert load_config(EmbedConfig, None, ["use_gpu=false"]).use_gpu == "false"

@@ -29,7 +29,7 @@ from umarvel_ray.config import (
     resolve_paths,
 )
 from umarvel_ray.recipe import Recipe, RecipeConfig
-from umarvel_ray.train.stages import STAGE_ORDER, TrainConfig, TrainJobConfig, resolve_stages, stage_config
+from umarvel_ray.train.config import STAGE_ORDER, TrainConfig, TrainJobConfig, resolve_stages, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Names that hold a path (or a model that may be a local directory) in this project's configs.
@@ -205,7 +205,7 @@ def test_library_entry_points_refuse_relative_paths():
 
 
 def test_run_dir_template_without_a_run_dir_is_an_error(tmp_path, monkeypatch):
-    from umarvel_ray.mine.mine import MineConfig
+    from umarvel_ray.mine.config import MineConfig
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"query_file: .* uses \{run_dir\} but this config has no run_dir"):
@@ -213,7 +213,7 @@ def test_run_dir_template_without_a_run_dir_is_an_error(tmp_path, monkeypatch):
 
 
 def test_a_nested_section_takes_its_parents_data_root():
-    from umarvel_ray.mine.mine import MineConfig
+    from umarvel_ray.mine.config import MineConfig
 
     require_absolute(MineConfig(data_root="/data", output_dir="/out"))  # embed.instructions under /data
     with pytest.raises(ConfigError, match=r"MineConfig.embed.instructions='instructions/"):

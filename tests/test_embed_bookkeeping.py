@@ -19,9 +19,10 @@ import pytest
 from umarvel_ray.data.mbeir import did_to_int, int_to_did
 from umarvel_ray.embed import dedup
 from umarvel_ray.embed.commit import ShardCommitter, rejects_path
-from umarvel_ray.embed.decode import ShardSpec, shard_name
+from umarvel_ray.embed.decode import ShardSpec
 from umarvel_ray.embed.dedup import CommittedIds
 from umarvel_ray.index import ids as idm
+from umarvel_ray.store import shard_name
 
 DIM = 4
 INPUT = "/data/pool.jsonl"
@@ -236,7 +237,7 @@ def test_scale_bench_stand_in_and_synthetic_pool(tmp_path, tiny_model_dir):
     """The bench's input plants the duplicates it checks for, and its stand-in keeps the model
     stage's contract (the real `EmbedActor.__call__` over real decode groups), without a model."""
     from umarvel_ray.embed import decode
-    from umarvel_ray.embed.run import model_dim
+    from umarvel_ray.embed.config import model_dim
     from umarvel_ray.embed.scale_bench import StandInEmbedder, write_synthetic_pool
 
     pool = tmp_path / "pool.jsonl"

@@ -22,13 +22,9 @@ from umarvel_ray.config import ConfigError
 from umarvel_ray.data import catalogue, instructions, model_items, writers
 from umarvel_ray.data.images import load_image
 from umarvel_ray.embed import decode
-from umarvel_ray.embed.run import (
-    EmbedConfig,
-    EmbedResult,
-    InjectedFailure,
-    run_embedding,
-    validate_config,
-)
+from umarvel_ray.embed.commit import InjectedFailure
+from umarvel_ray.embed.config import EmbedConfig, validate_config
+from umarvel_ray.embed.run import EmbedResult, run_embedding
 from umarvel_ray.store import read_embeddings
 
 SHARD_ROWS = 5

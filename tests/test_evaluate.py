@@ -16,20 +16,16 @@ import pytest
 
 from umarvel_ray.data.catalogue import MBEIR_TASKS, TASKS_BY_NAME
 from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_qrels
-from umarvel_ray.eval.evaluate import (
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.eval.embeddings import (
     EmbeddingSet,
-    EvalConfig,
-    TaskPlan,
-    ensure_embedded,
-    evaluate_stage,
+    embed_input,
     group_query_tasks,
-    plan_tasks,
     pool_ids_seen,
-    read_dids,
-    read_qids,
-    run_evaluation,
     tasks_needing_local_embedding,
 )
+from umarvel_ray.eval.evaluate import evaluate_stage, run_evaluation
+from umarvel_ray.eval.plan import EvalConfig, TaskPlan, plan_tasks, read_dids, read_qids
 from umarvel_ray.eval.report import read_trec_run, run_path
 from umarvel_ray.index import load_index
 from umarvel_ray.store import shard_name, write_manifest, write_shard
@@ -178,7 +174,7 @@ def test_planted_embeddings_score_one(planted, toy_mbeir_dir):
     data = json.loads(Path(rep["paths"]["json"]).read_text())
     assert data["averages"]["global"]["n_tasks"] == 15 and data["averages"]["local"]["n_tasks"] == 14
     assert "edis_task2" in data["settings"]["skipped"]
-    assert data["settings"]["instruction"] == {"mode": "random", "seed": 0, "file": cfg.instructions_file}
+    assert data["settings"]["instruction"] == {"mode": "random", "seed": 0, "file": cfg.embed.instructions}
     assert "SUMMARY evaluate" in rep["summary"] and "indexes_built=15" in rep["summary"]
 
 
@@ -258,7 +254,7 @@ def test_bad_config_is_rejected(planted):
     with pytest.raises(ConfigError, match="pools"):
         plan_tasks(_planted_cfg(planted, planted["tmp"] / "o", pools=["both"]))
     with pytest.raises(ConfigError, match="instruction"):
-        plan_tasks(_planted_cfg(planted, planted["tmp"] / "o", instruction="sometimes"))
+        plan_tasks(_planted_cfg(planted, planted["tmp"] / "o", embed=EmbedConfig(prompt_index=-1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,12 +267,8 @@ def _ray_cfg(root: Path, model: Path, out: Path, **kw) -> EvalConfig:
         data_root=str(root),
         model=str(model),
         out_dir=str(out),
-        batch_size=64,
-        actor_num_cpus=0.5,
-        decode_num_cpus=0.25,
-        use_gpu="false",
-        shard_rows=250,
-        device="cpu",
+        embed=EmbedConfig(batch_size=64, actor_num_cpus=0.5, decode_num_cpus=0.25, use_gpu="false", shard_rows=250),
+        index_device="cpu",
     )
     base.update(kw)
     return EvalConfig(**base)
@@ -353,7 +345,7 @@ def test_mini_local_index_from_global_subset_equals_own_pool_embedding(mini):
         queries=sorted(p.parent for p in (Path(cfg.out_dir) / "embeddings").glob("queries-*/manifest.json"))
     )
     pool_file = mini["root"] / TASKS_BY_NAME[name].pool_file
-    emb.local_pools[name] = ensure_embedded(cfg_c, f"pool-local-{name}", pool_file, "candidate", emb)
+    emb.local_pools[name] = embed_input(cfg_c, f"pool-local-{name}", pool_file, "candidate", emb)
     rep = evaluate_stage(cfg_c, plan, emb)
     assert rep["tasks"][name]["settings"]["local"]["source"] == "local-embedding"
     subset_run = read_trec_run(run_path(cfg.out_dir, name, "local"))
@@ -374,11 +366,11 @@ def test_full_toy_all_16_tasks_via_job(ray_cluster, tiny_model_dir, toy_mbeir_di
         f"data_root={toy_mbeir_dir}",
         f"model={tiny_model_dir}",
         f"out_dir={out}",
-        "batch_size=64",
-        "actor_num_cpus=0.5",
-        "decode_num_cpus=0.25",
-        "use_gpu=false",
-        "device=cpu",
+        "embed.batch_size=64",
+        "embed.actor_num_cpus=0.5",
+        "embed.decode_num_cpus=0.25",
+        "embed.use_gpu=false",
+        "index_device=cpu",
     ]
     assert job.main(argv) == 0
     printed = capsys.readouterr().out

@@ -76,7 +76,7 @@ def test_stage_and_evaluation_jobs_run_from_another_directory(tmp_path, ray_clus
         "evaluate.py",
         [
             "--config", TOY, "model=runs/r/stage3/model", "out_dir=runs/r/eval", "data_root=data",
-            "tasks=[mscoco_task0]", "pools=[local]", "actor_num_cpus=0.5", "decode_num_cpus=0.5",
+            "tasks=[mscoco_task0]", "pools=[local]", "embed.actor_num_cpus=0.5", "embed.decode_num_cpus=0.5",
         ],
         cwd=work,
         ray_address=address,

@@ -7,8 +7,8 @@ new arrow back up fails here before anyone has to untangle it. The floors, top t
     5  recipe, cli                     the chain of steps; the jobs' entry helper
     4  eval, mine, teacher, serve      the steps (siblings: never import each other)
     3  embed, train                    the Ray Data embedding job; the training loop
-    2  model, index                    the embedder/reranker; vector search
-    1  runtime, store, layout, data    Ray start-up; the embedding store; run-directory paths; M-BEIR IO
+    2  model, index, layout            the embedder/reranker; vector search; run-directory paths
+    1  runtime, store, data            Ray start-up; the embedding store; M-BEIR IO and artefact formats
     0  config, io, progress, procmem   utilities every floor may use
 
 A module may import its own unit and any unit on a lower floor; floor 0 units may also import
@@ -26,8 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "umarvel_ray"
 
 FLOORS: dict[str, int] = {
     "config": 0, "io": 0, "progress": 0, "procmem": 0,
-    "runtime": 1, "store": 1, "layout": 1, "data": 1,
-    "model": 2, "index": 2,
+    "runtime": 1, "store": 1, "data": 1,
+    "model": 2, "index": 2, "layout": 2,
     "embed": 3, "train": 3,
     "eval": 4, "mine": 4, "teacher": 4, "serve": 4,
     "recipe": 5, "cli": 5,

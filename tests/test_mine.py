@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import catalogue, mbeir
-from umarvel_ray.embed.run import EmbedConfig
-from umarvel_ray.mine.mine import MineConfig, pad_repeat, read_negatives, run_mining, select_negatives
+from umarvel_ray.data.artefacts import read_negatives
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.mine.config import MineConfig
+from umarvel_ray.mine.run import run_mining
+from umarvel_ray.mine.select import pad_repeat, select_negatives
 
 # ---------------------------------------------------------------------------------------------
 # select_negatives (pure)
@@ -313,7 +316,7 @@ def _job_main(name: str):
 
 def test_config_errors(toy_mbeir_dir, tmp_path):
     from umarvel_ray.config import ConfigError
-    from umarvel_ray.mine.mine import validate_config
+    from umarvel_ray.mine.config import validate_config
 
     ok = {"data_root": str(toy_mbeir_dir), "output_dir": str(tmp_path)}
     validate_config(MineConfig(**ok))

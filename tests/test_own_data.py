@@ -26,7 +26,7 @@ from umarvel_ray.data.importer import ImportConfig, run_import
 from umarvel_ray.data.instructions import read_instructions
 from umarvel_ray.data.tasks import discover_tasks, merge_pools, resolve_train_inputs
 from umarvel_ray.data.validate import validate_dir
-from umarvel_ray.eval.evaluate import EvalConfig, plan_tasks
+from umarvel_ray.eval.plan import EvalConfig, plan_tasks
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 NAME = "myphotos"
@@ -246,8 +246,8 @@ def test_stages_4_5_without_their_mined_files_stop_before_any_work(user, monkeyp
 
 @pytest.mark.ray
 def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir, tmp_path, capsys):
-    from umarvel_ray.train.stages import TrainConfig
-    from umarvel_ray.train.trainer import run_stage
+    from umarvel_ray.train.config import TrainConfig
+    from umarvel_ray.train.launch import run_stage
 
     out = user["out"]
     cfg = TrainConfig(stage="stage3", run_dir=str(tmp_path / "run"), model=str(tiny_model_dir),
@@ -260,8 +260,9 @@ def test_import_validate_train_stage3_evaluate(user, ray_cluster, tiny_model_dir
     assert (model / "config.json").is_file()
     job = _job("evaluate")
     ev = tmp_path / "eval"
-    argv = [f"data_root={out}", f"model={model}", f"out_dir={ev}", "batch_size=32", "actor_num_cpus=0.5",
-            "decode_num_cpus=0.25", "use_gpu=false", "device=cpu", f"task_k={{{NAME}_task4: 1}}"]
+    argv = [f"data_root={out}", f"model={model}", f"out_dir={ev}", "embed.batch_size=32",
+            "embed.actor_num_cpus=0.5", "embed.decode_num_cpus=0.25", "embed.use_gpu=false", "index_device=cpu",
+            f"task_k={{{NAME}_task4: 1}}"]
     assert job.main(argv) == 0
     data = json.loads((ev / "mbeir.json").read_text())
     assert data["order"] == TASKS

@@ -15,26 +15,19 @@ from bad_inputs import CASES, Q0, make_cases
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import catalogue, jsonl, mbeir, model_items
+from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.embed import decode
-from umarvel_ray.embed.run import reject_non_finite
-from umarvel_ray.eval.evaluate import (
-    EmbeddingSet,
-    EvalConfig,
-    InputError,
-    evaluate_stage,
-    plan_indexes,
-    plan_tasks,
-    pool_sizes,
-    read_qids,
-    run_evaluation,
-)
+from umarvel_ray.embed.actor import reject_non_finite
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.eval.embeddings import EmbeddingSet
+from umarvel_ray.eval.evaluate import evaluate_stage, run_evaluation
+from umarvel_ray.eval.plan import EvalConfig, InputError, plan_indexes, plan_tasks, pool_sizes, read_qids
 from umarvel_ray.index import NonFiniteVectorError, build_index
 from umarvel_ray.index.factory import factory_for_pool, min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
-from umarvel_ray.mine.mine import read_query_meta
 from umarvel_ray.store import read_embeddings, shard_name, write_manifest, write_shard
-from umarvel_ray.teacher.teacher import scan_offsets
+from umarvel_ray.teacher.offsets import scan_offsets
 
 P3 = "cand_pool/local/mbeir_mscoco_task3_cand_pool.jsonl"
 Q0_IDS = ["9:0", "9:1", "9:2"]
@@ -242,7 +235,7 @@ def test_index_settings_checked_against_pool_sizes_before_embedding(cases):
     bad = EvalConfig(data_root="x", model="x", out_dir="x", index_factory="IVF4,PQ3")  # 3 does not divide 8
     with pytest.raises(ConfigError, match=r"cannot index big/local \(1000000 candidates\)"):
         plan_indexes(bad, {"big/local": 1_000_000, "small/local": 3}, 8)
-    torch_ivf = EvalConfig(data_root="x", model="x", out_dir="x", index_factory="IVF4,Flat", backend="torch")
+    torch_ivf = EvalConfig(data_root="x", model="x", out_dir="x", index_factory="IVF4,Flat", index_backend="torch")
     with pytest.raises(ConfigError, match="torch backend is exact search only"):
         plan_indexes(torch_ivf, {"big/local": 1_000_000}, 8)
 
@@ -322,11 +315,8 @@ def _ray_cfg(root: Path, model: Path, out: Path, **kw) -> EvalConfig:
         data_root=str(root),
         model=str(model),
         out_dir=str(out),
-        batch_size=8,
-        actor_num_cpus=0.5,
-        decode_num_cpus=0.25,
-        use_gpu="false",
-        device="cpu",
+        embed=EmbedConfig(batch_size=8, actor_num_cpus=0.5, decode_num_cpus=0.25, use_gpu="false"),
+        index_device="cpu",
         tasks=["mscoco_task0", "mscoco_task3"],
     )
     base.update(kw)
@@ -353,7 +343,7 @@ def test_evaluate_reads_all_rows_and_small_pools_fall_back(case, cases, ray_clus
 
 @pytest.mark.ray
 def test_id_newline_refused_before_embedding_and_rejected_by_embed(cases, ray_cluster, tiny_model_dir, tmp_path):
-    from umarvel_ray.embed.run import EmbedConfig, run_embedding
+    from umarvel_ray.embed.run import run_embedding
 
     root = cases / "id_newline"
     with pytest.raises(InputError, match="mbeir_mscoco_task0_test.jsonl:2: field 'qid'"):

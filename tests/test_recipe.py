@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from umarvel_ray.config import ConfigError, load_config
-from umarvel_ray.eval.evaluate import EvalConfig
-from umarvel_ray.mine.mine import MineConfig
+from umarvel_ray.eval.plan import EvalConfig
+from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.recipe import STEPS, MissingStageOutput, Recipe, RecipeConfig
-from umarvel_ray.teacher.teacher import TeacherConfig
-from umarvel_ray.train.reranker_train import RerankerTrainConfig
-from umarvel_ray.train.stages import TrainJobConfig
+from umarvel_ray.teacher.config import TeacherConfig
+from umarvel_ray.train.config import TrainJobConfig
+from umarvel_ray.train.reranker import RerankerTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["jobs/configs/toy.yaml", "jobs/configs/paper_qwen2vl7b.yaml"]

@@ -10,9 +10,11 @@ import pytest
 
 from umarvel_ray.config import resolve_paths
 from umarvel_ray.data.model_items import candidate_item
-from umarvel_ray.train.data import ShardPlan
-from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-from umarvel_ray.train.reranker_train import RerankerTrainConfig, RerankPairs, run_reranker_training
+from umarvel_ray.layout import STEPS_FILE
+from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+from umarvel_ray.train.batches import ShardPlan
+from umarvel_ray.train.launch import run_reranker_training
+from umarvel_ray.train.reranker import RerankerTrainConfig, RerankPairs
 
 TRAIN = "query/train/mbeir_union_up_train.jsonl"
 POOL = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"

@@ -163,7 +163,9 @@ from test_mine import EMBED, shared  # noqa: E402,F401  (fixture: the toy train 
 
 
 def test_evaluation_identical_with_two_shards(ray_cluster, planted):  # noqa: F811
-    from umarvel_ray.eval.evaluate import EmbeddingSet, evaluate_stage, plan_tasks
+    from umarvel_ray.eval.embeddings import EmbeddingSet
+    from umarvel_ray.eval.evaluate import evaluate_stage
+    from umarvel_ray.eval.plan import plan_tasks
     from umarvel_ray.eval.report import run_path
 
     tasks = ["mscoco_task0", "webqa_task1", "nights_task4"]
@@ -198,9 +200,11 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
     shared,  # noqa: F811
     tmp_path,
 ):
-    from umarvel_ray.embed.run import EmbedConfig
-    from umarvel_ray.mine.mine import MineConfig, read_query_meta, run_mining
-    from umarvel_ray.teacher.teacher import retrieve_local
+    from umarvel_ray.data.queries import read_query_meta
+    from umarvel_ray.embed.config import EmbedConfig
+    from umarvel_ray.mine.config import MineConfig
+    from umarvel_ray.mine.run import run_mining
+    from umarvel_ray.teacher.retrieve import retrieve_local
 
     def mine(shards: int, strategy: str):
         return run_mining(

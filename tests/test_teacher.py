@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data import catalogue, mbeir
-from umarvel_ray.embed.run import EmbedConfig
-from umarvel_ray.mine.mine import read_query_meta
-from umarvel_ray.teacher.teacher import (
-    TeacherConfig,
-    local_pool_mask,
-    read_teacher,
-    run_teacher_scoring,
-    stratified_sample,
-    task_weight,
-    teacher_scores,
-)
+from umarvel_ray.data.artefacts import read_teacher
+from umarvel_ray.data.queries import read_query_meta
+from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.teacher.config import TeacherConfig
+from umarvel_ray.teacher.retrieve import local_pool_mask
+from umarvel_ray.teacher.run import run_teacher_scoring
+from umarvel_ray.teacher.sample import stratified_sample
+from umarvel_ray.teacher.scores import task_weight, teacher_scores
 
 # Same settings and shared files as tests/test_mine.py (the pool is embedded once per session).
 EMBED = {"actor_num_cpus": 0.5, "decode_num_cpus": 0.25, "batch_size": 16, "chunk_rows": 64}
@@ -192,7 +189,7 @@ def test_config_errors(toy_mbeir_dir, tmp_path):
     import importlib.util
 
     from umarvel_ray.config import ConfigError
-    from umarvel_ray.teacher.teacher import validate_config
+    from umarvel_ray.teacher.config import validate_config
 
     ok = {"data_root": str(toy_mbeir_dir), "output_dir": str(tmp_path)}
     validate_config(TeacherConfig(**ok))

@@ -11,8 +11,8 @@ import torch
 
 from umarvel_ray.model.embedder import Embedder, EmbedderConfig, LoraConfig
 from umarvel_ray.model.losses import stable_id
-from umarvel_ray.train.loop import TrainModule, make_loss_fn, train_step
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.train.config import TrainConfig
+from umarvel_ray.train.embedder import TrainModule, make_loss_fn, train_step
 from umarvel_ray.train.torch_engine import TorchEngine
 
 WORDS = ["red", "circle", "left", "of", "a", "blue", "square", "above", "two", "green", "stars"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from umarvel_ray.config import ConfigError, load_config
-from umarvel_ray.train.loop import deepspeed_config, lr_lambda, zero_template
-from umarvel_ray.train.stages import STAGE_PRESETS, TrainConfig, TrainJobConfig, resolve_stages, stage_config
+from umarvel_ray.train.config import (
+    STAGE_PRESETS,
+    LoraRunConfig,
+    TrainConfig,
+    TrainJobConfig,
+    resolve_stages,
+    stage_config,
+)
+from umarvel_ray.train.engine import deepspeed_config, lr_lambda, zero_template
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,6 +114,22 @@ def test_cluster_deepspeed_json_equals_builtin_and_fills(stage):
         True,
     )
     assert "auto" not in json.dumps(ds)
+
+
+def test_embedder_and_reranker_share_the_lora_run_fields_with_their_own_defaults():
+    from umarvel_ray.train.reranker import RerankerTrainConfig
+
+    shared = {f.name for f in dataclasses.fields(LoraRunConfig)}
+    assert {"lora_r", "lr", "zero_stage", "workers", "save_every", "resume_from"} <= shared
+    for cls in (TrainConfig, RerankerTrainConfig):
+        assert shared <= {f.name for f in dataclasses.fields(cls)}, cls
+    stage, judge = TrainConfig(), RerankerTrainConfig()
+    assert (stage.model, stage.lr, stage.per_device_batch) == ("", 4e-4, 60)
+    assert (judge.model, judge.lr, judge.per_device_batch) == ("Qwen/Qwen2-VL-7B-Instruct", 1e-4, 8)
+    assert (stage.failure_step, TrainConfig(inject_failure_at_step=3).failure_step, judge.failure_step) == (0, 3, 0)
+    assert str(judge.model_dir) == "runs/default/reranker/model" and str(stage.model_dir) == "runs/default/stage3/model"
+    with pytest.raises(ConfigError, match="zero_stage"):
+        RerankerTrainConfig(zero_stage=4)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from umarvel_ray.train.data import (
-    BatchBuilder,
-    CaptionPairs,
-    DistillTeacher,
-    MBEIRTrain,
-    NLIPairs,
-    ShardPlan,
-    build_source,
-    item_id,
-    iterate_batches,
-)
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.train.batches import BatchBuilder, ShardPlan, item_id, iterate_batches
+from umarvel_ray.train.config import TrainConfig
+from umarvel_ray.train.data import CaptionPairs, DistillTeacher, MBEIRTrain, NLIPairs, build_source
 
 
 def _plan(rank: int, world: int = 2, n: int = 23, b: int = 3) -> ShardPlan:

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.layout import STEPS_FILE
+from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+from umarvel_ray.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys
-from umarvel_ray.train.loop import run_local
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.train.embedder import run_local
+from umarvel_ray.train.config import TrainConfig
 run_local(TrainConfig(**json.loads(sys.argv[1])))
 """
 

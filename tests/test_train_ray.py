@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from umarvel_ray.train.data import ShardPlan, build_source
-from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-from umarvel_ray.train.stages import TrainConfig
-from umarvel_ray.train.trainer import run_stage, stage_done
+from umarvel_ray.layout import STEPS_FILE
+from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+from umarvel_ray.train.batches import ShardPlan
+from umarvel_ray.train.config import TrainConfig
+from umarvel_ray.train.data import build_source
+from umarvel_ray.train.launch import run_stage, stage_done
 
 pytestmark = pytest.mark.ray
 

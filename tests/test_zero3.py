@@ -23,8 +23,9 @@ import pytest
 from gloo_workers import EMBEDDER_LOOP, RERANKER_LOOP, check, run_workers
 from probes import embed, probe_items
 
-from umarvel_ray.train.loop import STEPS_FILE, SUMMARY_FILE
-from umarvel_ray.train.stages import TrainConfig
+from umarvel_ray.layout import STEPS_FILE
+from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+from umarvel_ray.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +122,7 @@ def test_zero3_reranker_merge_equals_zero0(tmp_path, tiny_model_dir, toy_mbeir_d
     from test_reranker_train import _cfg, _write_negatives
 
     from umarvel_ray.model.reranker import Reranker
-    from umarvel_ray.train.reranker_train import RerankPairs
+    from umarvel_ray.train.reranker import RerankPairs
 
     def cfg(zero: int):
         return _cfg(

@@ -322,6 +322,13 @@ def _resolve_value(value: str, kind: str, base: Path, context: dict[str, str], w
     return os.path.normpath(anchor / p)
 
 
+def resolve_against(base: Path, p: str | os.PathLike[str]) -> Path:
+    """`p` if absolute, else `base / p`: a PATH_DATA value that `require_absolute` let stay relative
+    (a section's `instructions` under its parent's data_root) resolved where a step uses it."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
 def _section(cls: type, loaded: dict[str, Any], section: str) -> dict[str, Any]:
     """One section of a recipe file, inheriting the file's shared top-level scalars it also has
     (`run_dir`, `data_root`, ...) unless the section sets them itself."""

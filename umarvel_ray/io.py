@@ -79,8 +79,11 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def dir_signature(directory: str | os.PathLike[str] | None) -> str | None:
-    """16 hex chars over the names, sizes and mtimes of a directory's top-level files.
+def dir_signature(
+    directory: str | os.PathLike[str] | None, *more: str | os.PathLike[str]
+) -> str | None:
+    """16 hex chars over the names, sizes and mtimes of a directory's top-level files (then of each
+    of `more`, in order, in the same hash: a model and its adapter).
 
     A cheap identity of model weights (hashing GBs of safetensors on every job start would not be);
     None for no directory.
@@ -88,10 +91,11 @@ def dir_signature(directory: str | os.PathLike[str] | None) -> str | None:
     if not directory:
         return None
     h = hashlib.sha256()
-    for p in sorted(Path(directory).iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for d in (directory, *more):
+        for p in sorted(Path(d).iterdir()):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 

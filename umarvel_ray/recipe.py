@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
-from umarvel_ray.eval.evaluate import EvalConfig
-from umarvel_ray.mine.mine import MineConfig
+from umarvel_ray.eval.plan import EvalConfig
+from umarvel_ray.io import atomic_write_text
+from umarvel_ray.layout import RunLayout
+from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
-from umarvel_ray.teacher.teacher import TeacherConfig
-from umarvel_ray.train.reranker_train import RerankerTrainConfig
-from umarvel_ray.train.stages import STAGE_ORDER, TrainJobConfig, stage_config
+from umarvel_ray.teacher.config import TeacherConfig
+from umarvel_ray.train.config import STAGE_ORDER, TrainJobConfig, stage_config
+from umarvel_ray.train.reranker import RerankerTrainConfig
 
 log = logging.getLogger("umarvel_ray.recipe")
 
@@ -86,6 +88,7 @@ class Recipe:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.data_root = Path(cfg.data_root)
         self.scores: dict[str, dict[str, Any]] = {}
         self.timings: dict[str, float] = {}
@@ -93,10 +96,10 @@ class Recipe:
     # ------------------------------------------------------------------ paths
     @property
     def base_model_dir(self) -> str:
-        return str(self.run_dir / "base_model") if self.cfg.base_model == TINY else self.cfg.base_model
+        return str(self.layout.base_model()) if self.cfg.base_model == TINY else self.cfg.base_model
 
     def stage_model(self, stage: str) -> Path:
-        return self.run_dir / stage / "model"
+        return self.layout.stage_model(stage)
 
     def train_job(self) -> TrainJobConfig:
         job = dataclasses.replace(
@@ -105,8 +108,8 @@ class Recipe:
             data_root=str(self.data_root),
             model=self.base_model_dir,
         )
-        stage4 = {"negatives_file": str(self.run_dir / "negatives" / "negatives.jsonl"), **job.stage4}
-        stage5 = {"teacher_file": str(self.run_dir / "teacher" / "teacher.jsonl"), **job.stage5}
+        stage4 = {"negatives_file": str(self.layout.negatives_file()), **job.stage4}
+        stage5 = {"teacher_file": str(self.layout.teacher_file()), **job.stage5}
         return dataclasses.replace(job, stage4=stage4, stage5=stage5)
 
     def latest_model(self, before: str | None = None) -> str:
@@ -152,7 +155,7 @@ class Recipe:
         make_tiny_qwen2vl(self.base_model_dir, seed=0)
 
     def _train(self, stage: str) -> None:
-        from umarvel_ray.train.trainer import run_stage
+        from umarvel_ray.train.launch import run_stage
 
         if stage not in self.cfg.train.stages:
             log.info("%s: not in train.stages, skipped", stage)
@@ -162,7 +165,7 @@ class Recipe:
     def _evaluate(self, name: str, model: str) -> None:
         from umarvel_ray.eval.evaluate import run_evaluation
 
-        out = self.run_dir / "eval" / name
+        out = self.layout.eval_dir(name)
         cfg = dataclasses.replace(self.cfg.eval, data_root=str(self.data_root), model=model, out_dir=str(out))
         report = run_evaluation(cfg)
         self.scores[name] = {"model": model, **report.get("averages", {})}
@@ -177,11 +180,11 @@ class Recipe:
         self._evaluate("final", self.latest_model())
 
     def step_mine(self) -> None:
-        from umarvel_ray.mine.mine import run_mining
+        from umarvel_ray.mine.run import run_mining
 
-        out = self.run_dir / "negatives"
-        if (out / "negatives.jsonl").exists():
-            log.info("mine: %s exists", out / "negatives.jsonl")
+        out = self.layout.negatives_dir()
+        if self.layout.negatives_file().exists():
+            log.info("mine: %s exists", self.layout.negatives_file())
             return
         cfg = dataclasses.replace(
             self.cfg.mine,
@@ -193,10 +196,10 @@ class Recipe:
 
     @property
     def reranker_dir(self) -> Path:
-        return self.run_dir / "reranker" / "model"
+        return self.layout.reranker_model()
 
     def step_reranker(self) -> None:
-        from umarvel_ray.train.reranker_train import run_reranker_training
+        from umarvel_ray.train.launch import run_reranker_training
 
         cfg = dataclasses.replace(
             self.cfg.reranker,
@@ -204,16 +207,15 @@ class Recipe:
             run_dir=str(self.run_dir),
             output=str(self.reranker_dir.parent),
             data_root=str(self.data_root),
-            negatives_file=str(self.run_dir / "negatives" / "negatives.jsonl"),
+            negatives_file=str(self.layout.negatives_file()),
         )
         run_reranker_training(cfg)
 
     def step_teacher(self) -> None:
-        from umarvel_ray.teacher.teacher import run_teacher_scoring
+        from umarvel_ray.teacher.run import run_teacher_scoring
 
-        out = self.run_dir / "teacher"
-        if (out / "teacher.jsonl").exists():
-            log.info("teacher: %s exists", out / "teacher.jsonl")
+        if self.layout.teacher_file().exists():
+            log.info("teacher: %s exists", self.layout.teacher_file())
             return
         run_teacher_scoring(self.teacher_config())
 
@@ -237,7 +239,7 @@ class Recipe:
             self.cfg.teacher,
             data_root=str(self.data_root),
             model=self.latest_model(before="stage5"),
-            output_dir=str(self.run_dir / "teacher"),
+            output_dir=str(self.layout.teacher_dir()),
             reranker=reranker,
         )
 
@@ -257,8 +259,8 @@ class Recipe:
     def serve_command(self) -> str | None:
         """The `serve run` command that serves the chain's final model over the evaluation's
         global index (None until eval_final has built it)."""
-        index = self.run_dir / "eval" / "final" / "index" / "global"
-        embeddings = self.run_dir / "eval" / "final" / "embeddings" / "pool-global"
+        index = self.layout.eval_dir("final") / "index" / "global"
+        embeddings = self.layout.eval_dir("final") / "embeddings" / "pool-global"
         if not (index.with_name("global.meta.json").is_file() and (embeddings / "manifest.json").is_file()):
             return None
         args = [f"model_dir={self.latest_model()}", f"index_dir={index}", f"embeddings_dir={embeddings}"]
@@ -269,7 +271,7 @@ class Recipe:
     def run(self) -> dict[str, Any]:
         self.check_inputs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir, "recipe_config.yaml")
+        save_config(self.cfg, self.run_dir, self.layout.recipe_config().name)
         for step in self.cfg.steps:
             start = time.perf_counter()
             log.info("=== step %s", step)
@@ -283,12 +285,12 @@ class Recipe:
 
     def write_summary(self) -> dict[str, Any]:
         result = {"run_dir": str(self.run_dir), "timings_s": self.timings, "scores": self.scores}
-        (self.run_dir / "recipe_summary.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(self.layout.recipe_summary("json"), json.dumps(result, indent=2))
         lines = ["| model | local avg | global avg |", "|---|---|---|"]
         for name, s in self.scores.items():
             lines.append(f"| {name} | {_pct(s.get('local'))} | {_pct(s.get('global'))} |")
         table = "\n".join(lines)
-        (self.run_dir / "recipe_summary.md").write_text(table + "\n")
+        atomic_write_text(self.layout.recipe_summary("md"), table + "\n")
         print(table)
         command = self.serve_command()
         if command:

@@ -127,15 +127,6 @@ def task_pool(max_tasks: int | None = None) -> dict[str, Any]:
         return {"concurrency": max_tasks}
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
-
-
 def cluster_gpus() -> float:
     """GPUs in the connected Ray cluster (0 on a CPU laptop)."""
     import ray

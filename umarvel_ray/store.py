@@ -4,10 +4,14 @@ A directory holds `part-00000.parquet ...` (columns `id: string`, `modality: str
 `vector: fixed_size_list<float32>[dim]`) and an optional `manifest.json`. Shards are written to a
 hidden temporary name and renamed into place, so a reader (or a resumed pipeline that skips
 finished shards) never sees a half-written `part-*.parquet`.
+
+Readers: `read_embeddings` (all rows), `iter_embedding_batches` (streamed), `PoolEmbeddings`
+(random access by id), `read_manifest` and `manifest_digest` (the identity of a complete directory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -18,6 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from umarvel_ray.io import atomic_write_json, read_json_or_none
 
 SHARD_GLOB = "part-*.parquet"
 MANIFEST_NAME = "manifest.json"
@@ -114,13 +120,20 @@ def write_shard(
 
 def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
     """Write manifest.json atomically (written last by the pipeline, so it marks completion)."""
+    return atomic_write_json(Path(directory) / MANIFEST_NAME, manifest)
+
+
+def remove_manifest(directory: str | os.PathLike[str]) -> None:
+    """Mark a directory incomplete (a writer is about to change its shards): drop manifest.json."""
+    (Path(directory) / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def remove_embeddings(directory: str | os.PathLike[str]) -> None:
+    """Delete every finished shard and the manifest (a writer starting over in `directory`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MANIFEST_NAME
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    for p in directory.glob(SHARD_GLOB):
+        p.unlink()
+    remove_manifest(directory)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,6 +142,19 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.exists():
         return {}
     return json.loads(path.read_text())
+
+
+def manifest_digest(directory: str | os.PathLike[str]) -> str | None:
+    """sha256 of a complete embedding directory's manifest.json, None while incomplete.
+
+    What an index built from the directory records as its source, so that a re-embedded source
+    (a new manifest) is never served from an index of the old vectors.
+    """
+    p = Path(directory) / MANIFEST_NAME
+    data = read_json_or_none(p)
+    if not isinstance(data, dict) or data.get("complete") is False:
+        return None
+    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def list_shards(directory: str | os.PathLike[str]) -> list[Path]:
@@ -140,6 +166,17 @@ def list_shards(directory: str | os.PathLike[str]) -> list[Path]:
     if not shards:
         raise FileNotFoundError(f"no {SHARD_GLOB} in {directory}")
     return shards
+
+
+def shard_footer(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(rows, dim) of one shard from its parquet footer (no data read); raises if unreadable."""
+    pf = pq.ParquetFile(path)
+    return pf.metadata.num_rows, pf.schema_arrow.field("vector").type.list_size
+
+
+def read_shard_ids(path: str | os.PathLike[str]) -> pa.ChunkedArray:
+    """The id column of one shard, as arrow strings (no Python object per row)."""
+    return pq.read_table(path, columns=["id"]).column("id")
 
 
 def vectors_from_arrow(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -247,3 +284,48 @@ def iter_embedding_batches(
         f = pq.ParquetFile(path)
         for batch in f.iter_batches(batch_size=batch_rows, columns=list(cols)):
             yield _from_table(pa.Table.from_batches([batch]), cols, manifest)
+
+
+class PoolEmbeddings:
+    """Random access by id into an embedding directory (ids in memory, vectors read per shard)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.shards = list_shards(directory)
+        ids, sizes = [], []
+        for p in self.shards:
+            col = pq.read_table(p, columns=["id"]).column("id").to_numpy(zero_copy_only=False)
+            ids.append(np.asarray(col, dtype=object))
+            sizes.append(len(col))
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, object)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._sorted_ids = self.ids.astype(str)
+        self._order = np.argsort(self._sorted_ids, kind="stable")
+        self._sorted_ids = self._sorted_ids[self._order]
+
+    def positions(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of `ids` and a mask of which were found."""
+        q = np.asarray(list(ids), dtype=str)
+        if not len(self._sorted_ids) or not len(q):
+            return np.zeros(len(q), np.int64), np.zeros(len(q), bool)
+        at = np.clip(np.searchsorted(self._sorted_ids, q), 0, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[at] == q
+        return self._order[at].astype(np.int64), found
+
+    def subset(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the requested ids present here, in request order; reads only the
+        shards holding them."""
+        pos, found = self.positions(ids)
+        pos = pos[found]
+        req = np.asarray(list(ids), dtype=object)[found]
+        shard_of = np.searchsorted(self.offsets, pos, side="right") - 1
+        vectors: np.ndarray | None = None
+        for s in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == s)
+            vec = vectors_from_arrow(pq.read_table(self.shards[s], columns=["vector"]).column("vector"))
+            if vectors is None:
+                vectors = np.empty((len(pos), vec.shape[1]), np.float32)
+            vectors[rows] = vec[pos[rows] - self.offsets[s]]
+        if vectors is None:
+            vectors = np.zeros((0, 1), np.float32)
+        return req, vectors

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.store import shard_name
+
 KINDS = ("candidate", "query")
 
 # Field names per input kind: (id, text, image path, modality).
@@ -88,11 +90,6 @@ class InputIndex:
     @property
     def rows_in(self) -> int:
         return sum(s.rows_in for s in self.shards)
-
-
-def shard_name(index: int) -> str:
-    """`part-00000.parquet` style name of shard `index`."""
-    return f"part-{index:05d}.parquet"
 
 
 def index_input(path: str | Path, shard_rows: int, chunk_rows: int) -> InputIndex:
@@ -237,38 +234,13 @@ def parse_row(
 # ---------------------------------------------------------------------------------------------
 
 
-def embedder_config(model: str, adapter: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """The `EmbedderConfig` that `Embedder.load(model, adapter, cfg_overrides=overrides)` resolves:
-    the adapter's (else the model's) umarvel_embedder.json, then `overrides` (nested dict)."""
-    from umarvel_ray.config import from_dict, to_dict
-    from umarvel_ray.model.embedder import META_FILE, EmbedderConfig
-
-    data: dict[str, Any] | None = None
-    for d in (adapter, model):
-        meta = Path(d) / META_FILE if d else None
-        if meta is not None and meta.is_file():
-            data = json.loads(meta.read_text()).get("config")
-            break
-    data = data or to_dict(EmbedderConfig())
-    data["model"] = str(model)
-
-    def merge(base: dict[str, Any], new: dict[str, Any]) -> None:
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(base.get(k), dict):
-                merge(base[k], v)
-            else:
-                base[k] = v
-
-    merge(data, overrides or {})
-    return from_dict(EmbedderConfig, data)
-
-
 def load_collator(model: str, adapter: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """The embedder's `Collator` (tokenizer + image processor, added tokens) without its weights."""
     from umarvel_ray.model.backbone import load_processor
     from umarvel_ray.model.inputs import Collator, ensure_added_tokens
+    from umarvel_ray.model.saved import saved_embedder_config
 
-    cfg = embedder_config(model, adapter, overrides)
+    cfg = saved_embedder_config(model, adapter, overrides)
     processor = load_processor(cfg.model)
     ensure_added_tokens(processor.tokenizer)
     return Collator(
@@ -288,10 +260,6 @@ def _cached_collator(model: str, adapter: str | None, overrides_json: str) -> An
 # ---------------------------------------------------------------------------------------------
 # The CPU stage
 # ---------------------------------------------------------------------------------------------
-
-# Meta columns of every row of a group (valid and rejected rows alike).
-META_COLUMNS = ("shard", "line", "id", "modality", "reject_field", "reject_reason")
-
 
 @dataclass
 class ParsedRow:

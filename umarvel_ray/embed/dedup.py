@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from umarvel_ray.embed.decode import shard_name
 from umarvel_ray.index.ids import as_arrow_ids, first_occurrences, id_hashes
+from umarvel_ray.store import read_shard_ids, shard_name
 
 
 class CommittedIds:
@@ -44,7 +43,7 @@ class CommittedIds:
 
     def read_ids(self, shard: int) -> pa.ChunkedArray:
         """The id column of committed shard `shard`."""
-        return pq.read_table(self.directory / shard_name(shard), columns=["id"]).column("id")
+        return read_shard_ids(self.directory / shard_name(shard))
 
     def __len__(self) -> int:
         return sum(len(h) for h, _ in self.runs)
@@ -96,8 +95,7 @@ class ShardDuplicates:
     embedded_in: np.ndarray  # int64: that shard, per row of `embedded`
     repeated: np.ndarray  # int64: other rows whose id an earlier row of this shard has
     first: np.ndarray  # int64: that earlier row, per row of `repeated`
-    kept: np.ndarray  # int64: the rows to keep (all others)
-    kept_hashes: np.ndarray  # uint64: their id hashes, for `CommittedIds.add` once written
+    kept_hashes: np.ndarray  # uint64: id hashes of the rows to keep (all others), for `CommittedIds.add`
 
 
 def find_duplicates(ids: np.ndarray, seen: CommittedIds) -> ShardDuplicates:
@@ -118,6 +116,5 @@ def find_duplicates(ids: np.ndarray, seen: CommittedIds) -> ShardDuplicates:
         embedded_in=prev[embedded],
         repeated=rest[is_repeat],
         first=rest[first[is_repeat]],
-        kept=rest[~is_repeat],
         kept_hashes=h[rest[~is_repeat]],
     )

@@ -23,23 +23,24 @@ checkpoint path plus filter actors, and cannot give the fixed, verifiable per-sh
 
 Restart: the input is split into deterministic shards of `shard_rows` consecutive lines. While
 running, `_progress.json` lists the committed shards (rows in/out/rejected, file size); the final
-`manifest.json` is written last and marks the directory complete (embedstore's convention). A
-rerun with the same fingerprint (input sha256, model files, kind, shard size, instruction and
-pixel settings) verifies every listed shard (parquet footer readable, row count, dim, file size,
-rejects file) and recomputes only shards that are missing or fail the check; stale temp files are
-removed. Rows are therefore written exactly once per input id, however often the job is killed.
+`manifest.json` is written last and marks the directory complete (the store's convention,
+`umarvel_ray/store.py`). A rerun with the same fingerprint (`config.settings_fingerprint`: input
+sha256, model files, kind, shard size, instruction and pixel settings) verifies every listed shard
+(parquet footer readable, row count, dim, file size, rejects file) and recomputes only shards that
+are missing or fail the check; stale temp files are removed (`commit.py` holds this restart
+contract). Rows are therefore written exactly once per input id, however often the job is killed.
+
+Modules: `config` (settings, validation, fingerprint), `decode` (the CPU stage), `actor` (the model
+stage), `commit` (shard commits and the restart contract), `dedup` (duplicate ids), this module
+(the dataset and the driver's steps).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,101 +48,32 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError, require_absolute, save_config
 from umarvel_ray.embed import decode
+from umarvel_ray.embed.actor import EmbedActor
 from umarvel_ray.embed.commit import (
-    REJECTS_DIR,
-    RESULT_COLUMNS,
-    InjectedFailure,
+    PROGRESS_NAME,
     ShardCommitter,
-    rejects_path,
+    clean_output,
+    finalize,
+    load_state,
+    remove_temp_files,
+    verify_shard,
 )
-from umarvel_ray.embed.decode import KINDS, InputIndex, ShardSpec
+from umarvel_ray.embed.config import (
+    EmbedConfig,
+    ResolvedConfig,
+    model_dim,
+    model_overrides,
+    settings_fingerprint,
+    validate_config,
+)
+from umarvel_ray.embed.decode import InputIndex, ShardSpec
 from umarvel_ray.embed.dedup import CommittedIds
 from umarvel_ray.io import atomic_write_json
+from umarvel_ray.store import remove_manifest, shard_name
 
 log = logging.getLogger("umarvel_ray.embed")
 
-PROGRESS_NAME = "_progress.json"
-REJECTS_NAME = "rejects.jsonl"
-FORMAT_VERSION = 1
 MAX_INPUT_BLOCKS = 4096
-
-
-@dataclass
-class EmbedConfig:
-    """Settings of one embedding job (`jobs/embed.py --config CFG key=value ...`)."""
-
-    input: str = field(
-        default="", metadata={"path": "data", "help": "M-BEIR jsonl to embed (absolute, or relative to data_root)"}
-    )
-    data_root: str = field(
-        default="", metadata={"path": "cwd", "help": "M-BEIR root: image paths and the instructions tsv resolve against it"}
-    )
-    kind: str = field(default="candidate", metadata={"help": "candidate | query"})
-    model: str = field(default="", metadata={"path": "model", "help": "embedder model directory (merged checkpoint)"})
-    adapter: str | None = field(default=None, metadata={"path": "cwd", "help": "optional LoRA adapter directory"})
-    output_dir: str = field(default="", metadata={"path": "cwd", "help": "where part-*.parquet + manifest.json go"})
-    instructions: str = field(
-        default="instructions/query_instructions.tsv",
-        metadata={"path": "data", "help": "query instruction tsv (relative to data_root unless absolute)"},
-    )
-    prompt_index: int | None = field(
-        default=None,
-        metadata={"help": "queries: fixed prompt index (0-3); null draws one per query, seeded by qid"},
-    )
-    instruction_seed: int = field(default=0, metadata={"help": "seed of the per-query instruction draw"})
-    shard_rows: int = field(default=10000, metadata={"help": "input lines per output shard (restart unit)"})
-    chunk_rows: int = field(
-        default=128, metadata={"help": "input lines per CPU task; model batches never span chunks"}
-    )
-    batch_size: int = field(default=32, metadata={"help": "rows per model forward"})
-    collate_in: str = field(
-        default="tasks",
-        metadata={"help": "tasks: CPU tasks collate, actors only run the model | actor: actors collate"},
-    )
-    num_actors: int = field(
-        default=0,
-        metadata={
-            "help": "embedder actors; 0 = one per GPU, or 1 on CPU (CPU-only nodes do best with one per "
-            "core: actor_num_cpus=0.5 decode_num_cpus=0.5 torch_threads=1 collate_in=actor)"
-        },
-    )
-    actor_num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per embedder actor"})
-    decode_num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per decode task"})
-    decode_memory_mb: int = field(
-        default=1024, metadata={"help": "memory reserved per decode task (MiB); also prevents stage fusion"}
-    )
-    max_decode_tasks: int = field(
-        default=0, metadata={"help": "cap on concurrent decode tasks; 0 = Ray decides"}
-    )
-    torch_threads: int = field(
-        default=0, metadata={"help": "torch intra-op threads per actor; 0 = max(1, int(actor_num_cpus))"}
-    )
-    use_gpu: str = field(default="auto", metadata={"help": "auto (if the cluster has GPUs) | true | false"})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype override (float32|bfloat16|auto)"})
-    min_pixels: int | None = field(default=None, metadata={"help": "image budget; null = the model's"})
-    max_pixels: int | None = field(default=None, metadata={"help": "image budget; null = the model's"})
-    text_rule: str = field(
-        default="uniir",
-        metadata={
-            "help": "query and candidate text: uniir (UniIR's format_string: drop CR, strip spaces and "
-            "surrounding double quotes, upper-case the first letter, end with . ? or !) | none (as is)"
-        },
-    )
-    check_duplicates: bool = field(
-        default=True,
-        metadata={"help": "reject repeated ids (keeps one row per id; 12 B of driver memory per kept id)"},
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "discard an existing output made with other settings"}
-    )
-    ray_address: str | None = field(
-        default=None, metadata={"help": "Ray address; null = RAY_ADDRESS or local"}
-    )
-    ray_progress_bars: bool = field(default=False, metadata={"help": "show Ray Data's own progress bars"})
-    progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
-    fail_after_shards: int | None = field(
-        default=None, metadata={"help": "testing: raise after committing this many shards in this run"}
-    )
 
 
 @dataclass
@@ -171,356 +103,24 @@ class EmbedResult:
         return (self.rows_in - self.rows_at_first_result) / (self.seconds - self.first_result_s)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation and fingerprint
-# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """The output directory after the restart check: its state and the shards done or still to do."""
+
+    state: dict[str, Any]
+    done: list[ShardSpec]
+    pending: list[ShardSpec]
 
 
 @dataclass
-class _Resolved:
-    input: Path
-    data_root: Path
-    model: Path
-    output: Path
-    instructions: Path | None
-    min_pixels: int
-    max_pixels: int
+class _RunStats:
+    """Timings of the Ray part of one run (all zero / None when no shard was pending)."""
 
-
-def _resolve(base: Path, p: str) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base / q
-
-
-def validate_config(cfg: EmbedConfig) -> _Resolved:
-    """Check the config before any Ray work; raise `ConfigError` with a clear message."""
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"kind must be one of {KINDS}, got {cfg.kind!r}")
-    for name in ("input", "model", "output_dir"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{name} is required (set {name}=...)")
-    data_root = Path(cfg.data_root).expanduser() if cfg.data_root else None
-    if data_root is not None and not data_root.is_dir():
-        raise ConfigError(f"data_root is not a directory: {data_root}")
-    inp = _resolve(data_root or Path.cwd(), cfg.input)
-    if not inp.is_file():
-        raise ConfigError(f"input file not found: {inp}")
-    if data_root is None:
-        raise ConfigError("data_root is required (image paths in M-BEIR files are relative to it)")
-    model = Path(cfg.model).expanduser()
-    if not model.is_dir():
-        raise ConfigError(f"model directory not found: {model}")
-    if cfg.adapter and not Path(cfg.adapter).expanduser().is_dir():
-        raise ConfigError(f"adapter directory not found: {cfg.adapter}")
-    for name in ("shard_rows", "chunk_rows", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if min(cfg.num_actors, cfg.max_decode_tasks, cfg.torch_threads, cfg.decode_memory_mb) < 0:
-        raise ConfigError("num_actors, max_decode_tasks, torch_threads and decode_memory_mb must be >= 0")
-    if cfg.actor_num_cpus < 0 or cfg.decode_num_cpus <= 0:
-        raise ConfigError("actor_num_cpus must be >= 0 and decode_num_cpus > 0")
-    if cfg.collate_in not in ("tasks", "actor"):
-        raise ConfigError(f"collate_in must be tasks or actor, got {cfg.collate_in!r}")
-    if cfg.use_gpu not in ("auto", "true", "false"):
-        raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    from umarvel_ray.data.model_items import TEXT_RULES
-
-    if cfg.text_rule not in TEXT_RULES:
-        raise ConfigError(f"text_rule must be one of {TEXT_RULES}, got {cfg.text_rule!r}")
-    instructions = None
-    if cfg.kind == "query":
-        instructions = _resolve(data_root, cfg.instructions)
-        if not instructions.is_file():
-            raise ConfigError(f"instructions file not found: {instructions}")
-        from umarvel_ray.data.instructions import read_instructions
-
-        n_prompts = min(len(r.prompts) for r in read_instructions(instructions).rows)
-        if cfg.prompt_index is not None and not 0 <= cfg.prompt_index < n_prompts:
-            raise ConfigError(f"prompt_index must be in 0..{n_prompts - 1}, got {cfg.prompt_index}")
-    min_px, max_px = model_pixel_budget(model, cfg.adapter)
-    min_px = cfg.min_pixels if cfg.min_pixels is not None else min_px
-    max_px = cfg.max_pixels if cfg.max_pixels is not None else max_px
-    if not 0 < min_px <= max_px:
-        raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {min_px}, {max_px}")
-    return _Resolved(inp, data_root, model, Path(cfg.output_dir).expanduser(), instructions, min_px, max_px)
-
-
-def model_pixel_budget(model_dir: Path, adapter: str | None = None) -> tuple[int, int]:
-    """(min_pixels, max_pixels) the embedder feeds its processor, read without loading weights.
-
-    Same precedence as `Embedder.load`: the adapter's umarvel_embedder.json, else the model's, else
-    the `InputConfig` defaults.
-    """
-    from umarvel_ray.model.embedder import META_FILE
-    from umarvel_ray.model.inputs import InputConfig
-
-    inputs: dict[str, Any] = {}
-    for d in (adapter, model_dir):
-        meta_file = Path(d) / META_FILE if d else None
-        if meta_file is not None and meta_file.is_file():
-            inputs = (json.loads(meta_file.read_text()).get("config") or {}).get("inputs") or {}
-            break
-    defaults = InputConfig()
-    return int(inputs.get("min_pixels", defaults.min_pixels)), int(
-        inputs.get("max_pixels", defaults.max_pixels)
-    )
-
-
-def model_signature(model_dir: Path, adapter: str | None) -> str:
-    """A cheap identity of the weights: names, sizes and mtimes of the model's top-level files."""
-    h = hashlib.sha256()
-    for d in [model_dir] + ([Path(adapter)] if adapter else []):
-        for p in sorted(d.iterdir()):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-def model_dim(model_dir: Path) -> int:
-    """Embedding size (the language model's hidden size) from config.json, without weights."""
-    from umarvel_ray.model.backbone import load_config
-
-    return int(load_config(model_dir).get_text_config().hidden_size)
-
-
-def _settings(cfg: EmbedConfig, res: _Resolved, index: InputIndex) -> dict[str, Any]:
-    """Everything that must match for shards of an earlier run to be reused."""
-    instruction: dict[str, Any] | None = None
-    if cfg.kind == "query":
-        instruction = {
-            "file": str(res.instructions),
-            "mode": "fixed" if cfg.prompt_index is not None else "random",
-            "prompt_index": cfg.prompt_index,
-            "seed": cfg.instruction_seed if cfg.prompt_index is None else None,
-        }
-    return {
-        "format": FORMAT_VERSION,
-        "kind": cfg.kind,
-        "input": str(res.input),
-        "input_sha256": index.sha256,
-        "input_bytes": index.size,
-        "data_root": str(res.data_root),
-        "model": str(res.model),
-        "adapter": cfg.adapter,
-        "model_signature": model_signature(res.model, cfg.adapter),
-        "model_dtype": cfg.dtype,
-        "shard_rows": cfg.shard_rows,
-        "instruction": instruction,
-        "pixels": {"min": res.min_pixels, "max": res.max_pixels},
-        "text_rule": cfg.text_rule,
-        "check_duplicates": cfg.check_duplicates,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory state (manifest, progress, verification)
-# ---------------------------------------------------------------------------------------------
-
-
-def _verify_shard(out: Path, entry: dict[str, Any], spec: ShardSpec, dim: int | None) -> str | None:
-    """None when a committed shard is intact and matches the index, else why it is not."""
-    import pyarrow.parquet as pq
-
-    if entry.get("rows_in") != spec.rows_in or entry.get("first_line") != spec.first_line:
-        return "manifest entry does not match the input layout"
-    if entry["rows_in"] != entry.get("rows_out", -1) + entry.get("rows_rejected", -1):
-        return "manifest entry rows do not add up"
-    path = out / spec.name
-    if not path.is_file():
-        return "shard file missing"
-    if path.stat().st_size != entry.get("bytes"):
-        return f"shard file size {path.stat().st_size} != {entry.get('bytes')}"
-    try:
-        pf = pq.ParquetFile(path)
-        n, vdim = pf.metadata.num_rows, pf.schema_arrow.field("vector").type.list_size
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means "recompute"
-        return f"unreadable shard: {exc}"
-    if n != entry["rows_out"]:
-        return f"shard has {n} rows, manifest says {entry['rows_out']}"
-    if dim is not None and vdim != dim:
-        return f"shard dim {vdim} != {dim}"
-    rej = rejects_path(out, spec.name)
-    if not rej.is_file():
-        return "rejects file missing"
-    with rej.open("rb") as f:
-        n_rej = sum(1 for line in f if line.strip())
-    if n_rej != entry["rows_rejected"]:
-        return f"rejects file has {n_rej} rows, manifest says {entry['rows_rejected']}"
-    return None
-
-
-def _load_state(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any], bool]:
-    """The previous run's state (manifest or progress) if its settings match, else a fresh one."""
-    from umarvel_ray.store import MANIFEST_NAME
-
-    for name in (MANIFEST_NAME, PROGRESS_NAME):
-        p = out / name
-        if not p.is_file():
-            continue
-        try:
-            state = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            log.warning("ignoring unreadable %s", p)
-            continue
-        if state.get("settings") == settings:
-            shards = state.get("shards") or {}
-            if isinstance(shards, list):  # the final manifest lists shards in order
-                shards = {e["name"]: e for e in shards}
-            return {"settings": settings, "dim": state.get("dim"), "shards": shards}, True
-        if not overwrite:
-            diff = sorted(
-                k
-                for k in set(settings) | set(state.get("settings", {}))
-                if settings.get(k) != state.get("settings", {}).get(k)
-            )
-            raise ConfigError(
-                f"{out} holds embeddings made with other settings (differs in {diff}); "
-                "use another output_dir or overwrite=true"
-            )
-        break
-    return {"settings": settings, "dim": None, "shards": {}}, False
-
-
-def _clean_output(out: Path) -> None:
-    """Remove every artefact this pipeline writes (overwrite=true or settings changed)."""
-    from umarvel_ray.store import MANIFEST_NAME, SHARD_GLOB
-
-    for p in out.glob(SHARD_GLOB):
-        p.unlink()
-    for name in (MANIFEST_NAME, PROGRESS_NAME, REJECTS_NAME):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / REJECTS_DIR, ignore_errors=True)
-
-
-def _remove_temp_files(out: Path) -> int:
-    """Temp files of killed writers (`.<name>.tmp-<pid>`); no other writer owns this directory."""
-    n = 0
-    for d in (out, out / REJECTS_DIR):
-        if d.is_dir():
-            for p in d.glob(".*.tmp-*"):
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# The model stage
-# ---------------------------------------------------------------------------------------------
-
-def reject_non_finite(vectors: np.ndarray, meta: dict[str, np.ndarray]) -> int:
-    """Reject (field "vector") every not yet rejected row whose vector has a NaN or an inf.
-
-    An fp16/bf16 overflow gives such vectors; faiss then never returns them and torch ranks them
-    first, so they must never reach an index. Their vector is zeroed; returns how many.
-    """
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1) & (meta["reject_field"] == ""))
-    for i in bad:
-        n_bad = int((~np.isfinite(vectors[i])).sum())
-        meta["reject_field"][i] = "vector"
-        meta["reject_reason"][i] = f"embedding is not finite ({n_bad} of {vectors.shape[1]} values NaN or inf)"
-        vectors[i] = 0.0
-    return len(bad)
-
-
-class EmbedActor:
-    """Ray Data actor: loads the embedder once and embeds the groups made by `decode_chunks`.
-
-    A group's payload is either an already collated batch (only the forward pass runs here) or
-    items with uint8 images (collated here). Rejected rows pass through with a zero vector. For
-    item payloads a failing batch is retried row by row and only the failing rows are rejected
-    (field "<model>"); a row whose vector is not finite is rejected (field "vector"); if every row fails alone the error is systemic (wrong model, device lost)
-    and is raised instead of silently rejecting the pool. A failing collated batch is raised too.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        kind: str,
-        adapter: str | None = None,
-        model_overrides: dict[str, Any] | None = None,
-        torch_threads: int = 1,
-        use_gpu: bool = False,
-    ):
-        import torch
-
-        from umarvel_ray.model.embedder import Embedder
-        from umarvel_ray.progress import quiet_known_noise
-
-        quiet_known_noise()
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        self.embedder = Embedder.load(model, adapter=adapter, cfg_overrides=model_overrides or None)
-        if use_gpu and torch.cuda.is_available():
-            self.embedder.to("cuda")
-        self.embedder.eval()
-        self.is_query = kind == "query"
-        self.dim = int(self.embedder.dim)
-
-    @classmethod
-    def from_embedder(cls, embedder: Any, kind: str) -> EmbedActor:
-        """An actor around an embedder already loaded and placed (benchmarks: a random-weight model
-        has no directory to load from). Same per-batch path as an actor Ray Data constructs."""
-        actor = cls.__new__(cls)
-        actor.embedder, actor.is_query, actor.dim = embedder.eval(), kind == "query", int(embedder.dim)
-        return actor
-
-    def _forward(self, batch: dict[str, Any]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.embedder(batch).float().cpu().numpy()
-
-    def _from_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        batch = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}
-        return self._forward(batch)
-
-    def _from_items(
-        self, items: list[dict[str, Any]], meta: dict[str, np.ndarray], ok: np.ndarray
-    ) -> np.ndarray:
-        try:
-            return self._forward(self.embedder.collate(items, is_query=self.is_query))
-        except Exception as batch_exc:  # noqa: BLE001 - isolate the bad rows below
-            out = np.zeros((len(items), self.dim), np.float32)
-            failed = 0
-            for j, item in enumerate(items):
-                try:
-                    out[j] = self._forward(self.embedder.collate([item], is_query=self.is_query))[0]
-                except Exception as exc:  # noqa: BLE001
-                    failed += 1
-                    meta["reject_field"][ok[j]] = "<model>"
-                    meta["reject_reason"][ok[j]] = f"embedding failed: {type(exc).__name__}: {exc}"
-            if failed == len(items):
-                raise batch_exc
-            return out
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts: list[dict[str, np.ndarray]] = []
-        for meta_blob, payload_blob in zip(batch["meta"], batch["payload"], strict=True):
-            meta, payload = decode.unpack_group(meta_blob, payload_blob)
-            meta = {k: np.array(v, dtype=object if v.dtype == object else v.dtype) for k, v in meta.items()}
-            vectors = np.zeros((len(meta["shard"]), self.dim), dtype=np.float32)
-            ok = np.flatnonzero(meta["reject_field"] == "")
-            if payload is not None and len(ok):
-                if "collated" in payload:
-                    vectors[ok] = self._from_arrays(payload["collated"])
-                else:
-                    vectors[ok] = self._from_items(payload["items"], meta, ok)
-                reject_non_finite(vectors, meta)
-            parts.append({**meta, "vector": vectors})
-        if not parts:
-            return {k: np.zeros(0, object) for k in RESULT_COLUMNS[:-1]} | {
-                "vector": np.zeros((0, self.dim), np.float32)
-            }
-        return {k: np.concatenate([p[k] for p in parts]) for k in RESULT_COLUMNS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
+    first_result_s: float | None = None
+    first_rows: int = 0
+    bookkeeping_cpu_s: float = 0.0
+    peak_buffered: int = 0
 
 
 def _use_gpu(cfg: EmbedConfig) -> bool:
@@ -534,17 +134,12 @@ def _use_gpu(cfg: EmbedConfig) -> bool:
     return gpus >= 1
 
 
-def model_overrides(cfg: EmbedConfig, res: _Resolved) -> dict[str, Any]:
-    """`cfg_overrides` for `Embedder.load`, shared by the actors and the collating CPU tasks:
-    the dtype override and the pixel budget the decode stage resized under."""
-    out: dict[str, Any] = {"inputs": {"min_pixels": res.min_pixels, "max_pixels": res.max_pixels}}
-    if cfg.dtype:
-        out["dtype"] = cfg.dtype
-    return out
-
-
 def build_dataset(
-    cfg: EmbedConfig, res: _Resolved, pending: list[ShardSpec], use_gpu: bool, embed_stage: type | None = None
+    cfg: EmbedConfig,
+    res: ResolvedConfig,
+    pending: list[ShardSpec],
+    use_gpu: bool,
+    embed_stage: type | None = None,
 ) -> Any:
     """The lazy Ray Data pipeline over the pending shards (decode tasks -> embedder actors)."""
     import ray.data
@@ -606,65 +201,17 @@ def _iter_results(ds: Any) -> Iterator[dict[str, np.ndarray]]:
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
 
-def _finalize(
-    out: Path, state: dict[str, Any], index: InputIndex, kind: str, res: _Resolved
-) -> dict[str, Any]:
-    """Write rejects.jsonl (all shards, in order) and manifest.json (last); drop the progress file."""
-    from umarvel_ray.store import write_manifest
 
-    entries = [state["shards"][s.name] for s in index.shards]
-    tmp = out / f".{REJECTS_NAME}.tmp-{os.getpid()}"
-    with tmp.open("wb") as f:
-        for s in index.shards:
-            f.write(rejects_path(out, s.name).read_bytes())
-    os.replace(tmp, out / REJECTS_NAME)
-    settings = state["settings"]
-    manifest = {
-        "model": settings["model"],
-        "dim": state["dim"],
-        "dtype": "float32",
-        "kind": kind,
-        "input": str(res.input),
-        "rows_in": sum(e["rows_in"] for e in entries),
-        "rows_out": sum(e["rows_out"] for e in entries),
-        "rows_rejected": sum(e["rows_rejected"] for e in entries),
-        "shards": entries,
-        "instruction": settings["instruction"],
-        "settings": settings,
-        "complete": True,
-    }
-    write_manifest(out, manifest)
-    (out / PROGRESS_NAME).unlink(missing_ok=True)
-    return manifest
-
-
-def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedResult:
-    """Embed `cfg.input` into `cfg.output_dir`, skipping shards an earlier run already finished.
-
-    `embed_stage` replaces `EmbedActor` as the model stage (same constructor and batch contract);
-    only benchmarks of the pipeline itself use it (`scale_bench`'s named stand-in).
-    """
-    require_absolute(cfg)
-
-    from umarvel_ray.progress import summary
-    from umarvel_ray.store import MANIFEST_NAME
-
-    t0 = time.perf_counter()
-    res = validate_config(cfg)
-    index = decode.index_input(res.input, cfg.shard_rows, cfg.chunk_rows)
-    out = res.output
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(cfg, res, index)
-    state, resumed = _load_state(out, settings, cfg.overwrite)
-    if not resumed:
-        _clean_output(out)
-    state["dim"] = model_dim(res.model)
-    n_tmp = _remove_temp_files(out)
+def _split_shards(
+    out: Path, state: dict[str, Any], index: InputIndex
+) -> tuple[list[ShardSpec], list[ShardSpec]]:
+    """(done, pending): a shard the state lists is skipped only if it passes `verify_shard`; one
+    that fails is dropped from the state so that it is recomputed."""
     done: list[ShardSpec] = []
     pending: list[ShardSpec] = []
     for spec in index.shards:
         entry = state["shards"].get(spec.name)
-        why = "not committed" if entry is None else _verify_shard(out, entry, spec, state["dim"])
+        why = "not committed" if entry is None else verify_shard(out, entry, spec, state["dim"])
         if why is None:
             done.append(spec)
         else:
@@ -672,6 +219,21 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
                 log.warning("recomputing %s: %s", spec.name, why)
             state["shards"].pop(spec.name, None)
             pending.append(spec)
+    return done, pending
+
+
+def _prepare_output(cfg: EmbedConfig, res: ResolvedConfig, index: InputIndex) -> _Plan:
+    """Take over the output directory: resume the previous run's state when its settings
+    fingerprint matches (else start clean), remove killed writers' temp files, and split the
+    shards into verified-done and pending. Saves the config next to the shards."""
+    out = res.output
+    out.mkdir(parents=True, exist_ok=True)
+    state, resumed = load_state(out, settings_fingerprint(cfg, res, index), cfg.overwrite)
+    if not resumed:
+        clean_output(out)
+    state["dim"] = model_dim(res.model)
+    n_tmp = remove_temp_files(out)
+    done, pending = _split_shards(out, state, index)
     log.info(
         "embed %s %s: %d rows in %d shards; %d shards done, %d to do%s",
         cfg.kind,
@@ -683,46 +245,59 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
         f" (removed {n_tmp} temp files)" if n_tmp else "",
     )
     save_config(cfg, out)
-    first_result_s: float | None = None
-    first_rows = 0
-    bookkeeping_cpu_s, peak_buffered = 0.0, 0
-    if pending:
-        # The directory is incomplete from here on: progress file only, no manifest.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        atomic_write_json(out / PROGRESS_NAME, state)
-        seen = CommittedIds.from_shards(out, [s.index for s in done]) if cfg.check_duplicates else None
-        committer = ShardCommitter(
-            out,
-            state,
-            {s.index: s for s in pending},
-            res.input,
-            cfg.kind,
-            seen,
-            out / PROGRESS_NAME,
-            cfg.fail_after_shards,
-        )
-        if any(s.rows_in for s in pending):
-            first, first_rows = _run_ray(cfg, res, pending, committer, embed_stage)
-            first_result_s = None if first is None else first - t0
-        committer.commit_empty()
-        bookkeeping_cpu_s, peak_buffered = committer.cpu_s, committer.peak_buffered
-        if committer.buffers:
-            missing = {decode.shard_name(s): (b.received, b.expected) for s, b in committer.buffers.items()}
-            raise RuntimeError(f"pipeline ended with incomplete shards (received, expected): {missing}")
-    manifest = _finalize(out, state, index, cfg.kind, res)
-    seconds = time.perf_counter() - t0
-    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"]
+    return _Plan(state, done, pending)
+
+
+def _embed_pending(
+    cfg: EmbedConfig, res: ResolvedConfig, plan: _Plan, t0: float, embed_stage: type | None
+) -> _RunStats:
+    """Embed and commit the pending shards. The directory is incomplete meanwhile (progress file,
+    no manifest), so a reader never takes a half-written pool for a finished one."""
+    stats = _RunStats()
+    if not plan.pending:
+        return stats
+    out = res.output
+    remove_manifest(out)
+    atomic_write_json(out / PROGRESS_NAME, plan.state)
+    seen = CommittedIds.from_shards(out, [s.index for s in plan.done]) if cfg.check_duplicates else None
+    committer = ShardCommitter(
+        out,
+        plan.state,
+        {s.index: s for s in plan.pending},
+        res.input,
+        cfg.kind,
+        seen,
+        out / PROGRESS_NAME,
+        cfg.fail_after_shards,
+    )
+    if any(s.rows_in for s in plan.pending):
+        first, stats.first_rows = _run_ray(cfg, res, plan.pending, committer, embed_stage)
+        stats.first_result_s = None if first is None else first - t0
+    committer.commit_empty()
+    stats.bookkeeping_cpu_s, stats.peak_buffered = committer.cpu_s, committer.peak_buffered
+    if committer.buffers:
+        missing = {shard_name(s): (b.received, b.expected) for s, b in committer.buffers.items()}
+        raise RuntimeError(f"pipeline ended with incomplete shards (received, expected): {missing}")
+    return stats
+
+
+def _report(
+    cfg: EmbedConfig, out: Path, manifest: dict[str, Any], plan: _Plan, seconds: float, stats: _RunStats
+) -> EmbedResult:
+    """Log the SUMMARY line and build the result from the final manifest."""
+    from umarvel_ray.progress import summary
+
     line = summary(
         f"embed {cfg.kind}",
         rows_in=manifest["rows_in"],
         rows_out=manifest["rows_out"],
         rows_rejected=manifest["rows_rejected"],
-        shards=len(index.shards),
-        shards_written=len(pending),
-        shards_skipped=len(done),
+        shards=len(plan.done) + len(plan.pending),
+        shards_written=len(plan.pending),
+        shards_skipped=len(plan.done),
         dim=manifest["dim"],
         seconds=f"{seconds:.1f}",
-        rows_per_s=f"{sum(s.rows_in for s in pending) / max(seconds, 1e-9):.1f}",
+        rows_per_s=f"{sum(s.rows_in for s in plan.pending) / max(seconds, 1e-9):.1f}",
         output=str(out),
     )
     return EmbedResult(
@@ -732,19 +307,37 @@ def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedRes
         rows_rejected=manifest["rows_rejected"],
         dim=manifest["dim"],
         seconds=seconds,
-        shards_written=len(pending),
-        shards_skipped=len(done),
+        shards_written=len(plan.pending),
+        shards_skipped=len(plan.done),
         summary=line,
-        first_result_s=first_result_s,
-        rows_at_first_result=first_rows,
-        bookkeeping_cpu_s=bookkeeping_cpu_s,
-        peak_buffered_rows=peak_buffered,
+        first_result_s=stats.first_result_s,
+        rows_at_first_result=stats.first_rows,
+        bookkeeping_cpu_s=stats.bookkeeping_cpu_s,
+        peak_buffered_rows=stats.peak_buffered,
     )
+
+
+def run_embedding(cfg: EmbedConfig, embed_stage: type | None = None) -> EmbedResult:
+    """Embed `cfg.input` into `cfg.output_dir`, skipping shards an earlier run already finished.
+
+    `embed_stage` replaces `EmbedActor` as the model stage (same constructor and batch contract);
+    only benchmarks of the pipeline itself use it (`scale_bench`'s named stand-in).
+    """
+    require_absolute(cfg)
+    t0 = time.perf_counter()
+    res = validate_config(cfg)
+    index = decode.index_input(res.input, cfg.shard_rows, cfg.chunk_rows)
+    plan = _prepare_output(cfg, res, index)
+    stats = _embed_pending(cfg, res, plan, t0, embed_stage)
+    manifest = finalize(res.output, plan.state, index, cfg.kind, res.input)
+    seconds = time.perf_counter() - t0
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"]
+    return _report(cfg, res.output, manifest, plan, seconds, stats)
 
 
 def _run_ray(
     cfg: EmbedConfig,
-    res: _Resolved,
+    res: ResolvedConfig,
     pending: list[ShardSpec],
     committer: ShardCommitter,
     embed_stage: type | None = None,
@@ -781,4 +374,4 @@ def _run_ray(
     return first, first_rows
 
 
-__all__ = ["EmbedActor", "EmbedConfig", "EmbedResult", "InjectedFailure", "run_embedding", "validate_config"]
+__all__ = ["EmbedResult", "build_dataset", "run_embedding"]

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.embed.run import EmbedActor, EmbedConfig, model_dim, run_embedding
+from umarvel_ray.embed.actor import EmbedActor
+from umarvel_ray.embed.config import EmbedConfig, model_dim
+from umarvel_ray.embed.run import run_embedding
 from umarvel_ray.procmem import peak_rss_mb, rss_mb
 
 DEFAULT_ROWS = (100_000, 1_000_000)

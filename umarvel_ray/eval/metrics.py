@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.index.base import PAD_ID  # index padding when k exceeds the pool; never a real id
+
 Run = dict[str, list[tuple[str, float]]]
 Qrels = Mapping[str, Collection[str]]
 
-PAD_ID = ""  # index padding when k exceeds the pool; never a real id
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from umarvel_ray.config import option
+from umarvel_ray.config import ConfigError, option
 
 SHARDS_HELP = (
     "search pool sharding: 0 = one index in this process (default); N > 0 = N Ray actors each build "
@@ -37,3 +37,9 @@ class SearchOptions:
     index_device: str = option("auto", "index device: auto | cpu | cuda")
     index_shards: int = index_shards_option()
     index_shard_cpus: float = shard_cpus_option()
+
+
+def check_search_options(cfg: SearchOptions) -> None:
+    """Refuse shard settings no search can run with (the step's bad-config exit, ConfigError)."""
+    if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
+        raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")

@@ -205,13 +205,8 @@ class ShardedIndex(SearchIndex):
         return sum(len(s) for s in self.shards)
 
     def add(self, ids: Sequence[str] | np.ndarray, vectors: np.ndarray) -> None:
-        """Append to the last shard (add a new shard with `add_shard`)."""
+        """Append to the last shard."""
         self.shards[-1].add(ids, vectors)
-
-    def add_shard(self, shard: SearchIndex) -> None:
-        if shard.dim != self.dim:
-            raise ValueError(f"shard dim {shard.dim} != {self.dim}")
-        self.shards.append(shard)
 
     def search_arrays(
         self, queries: np.ndarray, k: int, batch_size: int = 1024

@@ -190,14 +190,6 @@ def load_backbone(
     return model, load_processor(name_or_path)
 
 
-def decoder_of(model: Any) -> Any:
-    """The inner `Qwen2VLModel` (vision + language model, no LM head), through any PEFT wrapper."""
-    inner = model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.model
-
-
 def count_parameters(model: Any) -> int:
     """Total parameter count (used by the tiny factory and the benchmark's FLOP estimate)."""
     return sum(p.numel() for p in model.parameters())

@@ -24,8 +24,9 @@ from torch import nn
 
 from umarvel_ray.model.inputs import EMB_TOKEN, Collator, InputConfig, attention_bias, ensure_added_tokens
 from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
+from umarvel_ray.model.saved import EMBEDDER_META_FILE, read_saved_meta, saved_embedder_config
 
-META_FILE = "umarvel_embedder.json"
+META_FILE = EMBEDDER_META_FILE
 # LoRA targets: every Linear of the language model's decoder layers, nothing in `visual`.
 LM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -80,24 +81,6 @@ def set_activation_checkpointing(model: Any, enabled: bool) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
-
-
-def _merge_cfg(base: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    from umarvel_ray.config import apply_overrides, deep_update
-
-    if overrides is None:
-        return base
-    if isinstance(overrides, dict):
-        deep_update(base, overrides, "cfg_overrides")
-        return base
-    return apply_overrides(base, list(overrides))
-
-
-def _read_meta(path: str | Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    f = Path(path) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 class Embedder(nn.Module):
@@ -163,13 +146,10 @@ class Embedder(nn.Module):
         The config comes from the adapter's (else the model dir's) umarvel_embedder.json, then
         `cfg_overrides` (a nested dict or `a.b=value` strings); `model` is set to `path_or_base`.
         """
-        from umarvel_ray.config import from_dict, to_dict
         from umarvel_ray.model.backbone import load_backbone
 
-        meta = _read_meta(adapter) or _read_meta(path_or_base) or {}
-        data = meta.get("config") or to_dict(EmbedderConfig())
-        data["model"] = str(path_or_base)
-        cfg = from_dict(EmbedderConfig, _merge_cfg(data, cfg_overrides))
+        meta = read_saved_meta(META_FILE, adapter, path_or_base)
+        cfg = saved_embedder_config(path_or_base, adapter, cfg_overrides)
         model, processor = load_backbone(
             cfg.model, dtype=cfg.dtype, for_generation=False, attn_implementation=cfg.attn_implementation
         )

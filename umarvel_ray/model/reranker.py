@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from umarvel_ray.model.embedder import LM_LORA_TARGETS, LoraConfig, _merge_cfg, set_activation_checkpointing
+from umarvel_ray.model.embedder import LM_LORA_TARGETS, LoraConfig, set_activation_checkpointing
 from umarvel_ray.model.inputs import Collator, InputConfig, _clean, attention_bias, pad_rendered
 from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
+from umarvel_ray.model.saved import RERANKER_META_FILE, saved_reranker_config
 
-META_FILE = "umarvel_reranker.json"
+META_FILE = RERANKER_META_FILE
 JUDGES: dict[str, dict[str, str]] = {
     "yes_no": {"prompt": "Does the candidate meet the query? Answer Yes or No.", "pos": "Yes", "neg": "No"},
     "true_false": {
@@ -212,17 +213,9 @@ class Reranker(nn.Module):
         cfg_overrides: dict[str, Any] | list[str] | None = None,
     ) -> Reranker:
         """Inference: merged dir or base (+ adapter, merged); config from umarvel_reranker.json if any."""
-        from umarvel_ray.config import from_dict, to_dict
         from umarvel_ray.model.backbone import load_backbone
 
-        meta: dict[str, Any] = {}
-        for d in (adapter, path_or_base):
-            if d is not None and (Path(d) / META_FILE).is_file():
-                meta = json.loads((Path(d) / META_FILE).read_text())
-                break
-        data = meta.get("config") or to_dict(RerankerConfig())
-        data["model"] = str(path_or_base)
-        cfg = from_dict(RerankerConfig, _merge_cfg(data, cfg_overrides))
+        cfg = saved_reranker_config(path_or_base, adapter, cfg_overrides)
         model, processor = load_backbone(
             cfg.model, dtype=cfg.dtype, for_generation=False, attn_implementation=cfg.attn_implementation
         )
@@ -330,8 +323,3 @@ class Reranker(nn.Module):
         finally:
             self.train(was_training)
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def prob_yes(logits: torch.Tensor) -> torch.Tensor:
-    """P(positive) from (B, 2) [pos, neg] logits; differentiable (for distillation teachers/tests)."""
-    return torch.softmax(logits.float(), dim=-1)[:, 0]

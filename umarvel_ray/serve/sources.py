@@ -42,23 +42,10 @@ def find_index(index_dir: str) -> Path:
     return p
 
 
-def _pixels(model_dir: str, meta_file: str) -> tuple[int, int]:
-    """The model's image budget from its saved config (the defaults Embedder/Reranker.load use)."""
-    from umarvel_ray.model.inputs import InputConfig
-
-    default = InputConfig()
-    f = Path(model_dir) / meta_file
-    if not f.is_file():
-        return default.min_pixels, default.max_pixels
-    inputs = json.loads(f.read_text()).get("config", {}).get("inputs", {})
-    return int(inputs.get("min_pixels", default.min_pixels)), int(inputs.get("max_pixels", default.max_pixels))
-
-
 def resolve_sources(cfg: ServeConfig) -> Sources:
     """Check the config against the files on disk; raise ConfigError naming the missing piece."""
     from umarvel_ray.data.model_items import TEXT_RULES
-    from umarvel_ray.model.embedder import META_FILE as EMB_META
-    from umarvel_ray.model.reranker import META_FILE as RR_META
+    from umarvel_ray.model.saved import saved_embedder_config, saved_pixel_budget, saved_reranker_config
 
     require_absolute(cfg)
     if not cfg.model_dir or not Path(cfg.model_dir).is_dir():
@@ -93,6 +80,6 @@ def resolve_sources(cfg: ServeConfig) -> Sources:
         pool=str(pool),
         data_root=str(data_root),
         text_rule=text_rule,
-        embed_pixels=_pixels(cfg.model_dir, EMB_META),
-        rerank_pixels=_pixels(cfg.reranker_dir, RR_META) if cfg.reranker_dir else (0, 0),
+        embed_pixels=saved_pixel_budget(saved_embedder_config(cfg.model_dir)),
+        rerank_pixels=saved_pixel_budget(saved_reranker_config(cfg.reranker_dir)) if cfg.reranker_dir else (0, 0),
     )

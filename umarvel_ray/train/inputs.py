@@ -1,6 +1,6 @@
 """Refuse a training stage whose input files are not there, before Ray or DeepSpeed start.
 
-Stages 1-2 (progressive transition, RECIPE.md section 3) train on external pairs the paper takes
+Stages 1-2 (progressive transition, docs/RECIPE.md section 3) train on external pairs the paper takes
 from SimCSE's NLI set and CC3M; only the toy generator writes them. A directory of one's own
 usually has none, so the message says which file to provide, in what format, and how to start the
 chain at stage 3 instead. Stages 3-5 need the union train file or per-task train files.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.train.stages import STAGE_ORDER, TrainConfig
+from umarvel_ray.train.config import STAGE_ORDER, TrainConfig
 
 PAIR_FORMATS = {
     "nli": (
@@ -65,7 +65,7 @@ def check_between_stage_files(cfg: TrainConfig) -> None:
     stage 3 instead of failing inside stage 4's workers; a finished stage is not checked (it is
     skipped). The recipe does not call it (it writes these files itself).
     """
-    from umarvel_ray.train.trainer import stage_done
+    from umarvel_ray.train.launch import stage_done
 
     if cfg.data_kind == "mbeir" and cfg.num_negatives > 0 and cfg.negatives_file:
         key, job = "negatives_file", "jobs/mine_negatives.py (hard negatives from the stage-3 model)"

@@ -1,4 +1,4 @@
-"""One-process training engine in plain PyTorch with the interface `loop.train_step` drives.
+"""One-process training engine in plain PyTorch with the interface `embedder.train_step` drives.
 
 `train_step` calls `engine(batch)`, `engine.backward(loss)`, `set_gradient_accumulation_boundary`,
 `step()`, `zero_optimization_stage()`, `get_global_grad_norm()` and reads `engine.module`: the

@@ -1,8 +1,10 @@
-"""Training stage configs: one `TrainConfig` per stage, the recipe's five presets, the chain.
+"""Training configs: `LoraRunConfig` (what every LoRA run shares), one `TrainConfig` per embedder
+stage, the recipe's five presets, the chain.
 
 A stage config is resolved in layers, each overriding the one before:
-`TrainConfig` defaults -> the stage preset (RECIPE section 3 table) -> the job YAML's `common`
-section -> the job YAML's `<stage>` section -> CLI `stageN.key=value` / `common.key=value`.
+`TrainConfig` defaults -> the stage preset (the stage table of docs/RECIPE.md section 3) -> the
+job YAML's `common` section -> the job YAML's `<stage>` section -> CLI `stageN.key=value` /
+`common.key=value`.
 An empty `model` means "the merged model of the previous stage of the chain" (the base model for
 the first one), which is how the chain of LoRA runs is stitched together.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import (
+    RUN_DIR_TEMPLATE,
     ConfigError,
     deep_update,
     from_dict,
@@ -23,6 +26,7 @@ from umarvel_ray.config import (
     resolve_paths,
     to_dict,
 )
+from umarvel_ray.layout import MODEL_DIR, PRESET_NEGATIVES_FILE, PRESET_TEACHER_FILE, RunLayout
 
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
 DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
@@ -30,56 +34,39 @@ OBJECTIVES: tuple[str, ...] = ("infonce", "symmetric", "distill")
 
 
 @dataclass
-class TrainConfig:
-    """Everything one LoRA training stage needs (model, data, optimisation, scale, checkpointing)."""
+class LoraRunConfig:
+    """What every LoRA training run here shares: the run and its inputs, the adapter, the
+    optimisation, the workers, logging, checkpoints and fault tolerance.
 
-    stage: str = option("stage3", "stage name; outputs go to <run_dir>/<stage>/")
+    A subclass adds its own keys (YAML stays flat: these are plain fields of the subclass) and
+    provides `stage` (the run's name) and `stage_dir` (its output directory); a default that
+    differs between runs is overridden by redeclaring the field in the subclass.
+    """
+
     run_dir: str = option("runs/default", "run directory (shared storage on multi-node clusters)", path="cwd")
-    model: str = option("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded", path="model")
+    model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base MLLM (instruct weights, HF id or path)", path="model")
     # --- data
-    data_kind: str = option("mbeir", "nli | caption | mbeir | distill (which example builder)")
     data_root: str = option("", "M-BEIR style data root; relative data paths and image paths resolve here", path="cwd")
     train_file: str = option("query/train/mbeir_union_up_train.jsonl", "training examples (jsonl)", path="data")
     pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)", path="data")
     instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv (mbeir)", path="data")
-    negatives_file: str = option("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded", path="data")
-    teacher_file: str = option("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded", path="data")
-    num_negatives: int = option(
-        0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
-    )
-    num_candidates: int = option(50, "candidates per query for distillation (shorter lists are masked)")
     max_examples: int = option(0, "use only the first N examples (0 = all); for quick runs")
-    upsample_min: int = option(
-        0, "without a union train file: repeat each task's train queries ceil(N/rows) times "
-        "(data.tasks.upsample_factors; 0 = off)"
-    )
-    loader_workers: int = option(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
-    # --- objective
-    objective: str = option("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")
-    tau_init: float = option(0.05, "initial temperature (a previous stage's learned tau is inherited)")
-    learn_tau: bool = option(True, "learn log(tau) (frozen in stages 1-2)")
-    inherit_tau: bool = option(True, "start from the tau stored with the input model when it has one")
-    mask_false_negatives: bool = option(True, "remove in-batch candidates equal to a row's positive")
     # --- model / LoRA
     lora_r: int = option(128, "LoRA rank")
     lora_alpha: int = option(256, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     gradient_checkpointing: bool = option(False, "activation checkpointing (recipe: on, GPU)")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
-    embedder: dict = option(
-        {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"
-    )
     # --- optimisation
-    lr: float = option(4e-4, "peak learning rate (AdamW)")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.03, "linear warmup fraction of total steps, then cosine decay")
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak")
     grad_clip: float = option(1.0, "gradient norm clipping (0 = off)")
-    per_device_batch: int = option(60, "queries per worker per step (in-batch negatives = workers x this)")
-    micro_batch: int = option(0, "GradCache micro-batch (0 = no cache, encode the whole per-device batch)")
+    per_device_batch: int = option(8, "examples per worker per step")
     epochs: float = option(1.0, "passes over the data (used when max_steps = 0)")
     max_steps: int = option(0, "stop after this many optimizer steps (0 = epochs)")
-    seed: int = option(42, "seed for shuffling, negative/instruction sampling and dropout")
+    seed: int = option(42, "seed for shuffling, positive/negative/instruction sampling and dropout")
     # --- distributed
     workers: int = option(1, "Ray Train workers (data-parallel ranks)")
     use_gpu: bool = option(False, "one GPU per worker, NCCL, bf16")
@@ -93,6 +80,77 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept (Ray CheckpointConfig.num_to_keep)")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint (Ray FailureConfig)")
     resume_from: str = option("", "checkpoint dir to resume from when not under Ray (default: latest own)", path="cwd")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+
+    # ---------------------------------------------------------------- derived paths
+    @property
+    def model_dir(self) -> Path:
+        """Where the merged model of this run is written (`stage_dir` is the subclass's)."""
+        return self.stage_dir / MODEL_DIR
+
+    @property
+    def failure_step(self) -> int:
+        """Testing: rank 0 raises once after this step (0 = never). Only TrainConfig has a key
+        for it (`inject_failure_at_step`)."""
+        return 0
+
+    def model_settings(self, use_gpu: bool) -> dict[str, Any]:
+        """The model-config keys every run sets alike: activation checkpointing, the dtype ('auto' =
+        bf16 on GPU, fp32 on CPU) and a fresh LoRA of this run's shape."""
+        return {
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "dtype": self.dtype if self.dtype != "auto" else ("bfloat16" if use_gpu else "float32"),
+            "lora": {"enabled": True, "r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout},
+        }
+
+    def expand(self, value: str) -> str:
+        return value.replace(RUN_DIR_TEMPLATE, str(self.run_dir))
+
+    def data_path(self, value: str) -> Path:
+        """A data path: '{run_dir}' expanded, relative paths resolved under data_root."""
+        p = Path(self.expand(value))
+        return p if p.is_absolute() or not self.data_root else Path(self.data_root) / p
+
+
+@dataclass
+class TrainConfig(LoraRunConfig):
+    """Everything one LoRA training stage of the embedder needs (on top of LoraRunConfig)."""
+
+    stage: str = option("stage3", "stage name; outputs go to <run_dir>/<stage>/")
+    model: str = option("", "base HF id/path; '' = previous stage's merged model; '{run_dir}' is expanded", path="model")
+    # --- data
+    data_kind: str = option("mbeir", "nli | caption | mbeir | distill (which example builder)")
+    negatives_file: str = option("", "mined negatives jsonl {qid, neg_dids} (stage 4); '{run_dir}' expanded", path="data")
+    teacher_file: str = option("", "teacher jsonl {qid, candidates, scores} (stage 5); '{run_dir}' expanded", path="data")
+    num_negatives: int = option(
+        0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
+    )
+    num_candidates: int = option(50, "candidates per query for distillation (shorter lists are masked)")
+    upsample_min: int = option(
+        0, "without a union train file: repeat each task's train queries ceil(N/rows) times "
+        "(data.tasks.upsample_factors; 0 = off)"
+    )
+    loader_workers: int = option(0, "DataLoader worker processes for decode + collate (0 = in the loop)")
+    # --- objective
+    objective: str = option("infonce", "infonce (q->c) | symmetric (q->c + c->q) | distill (KL)")
+    tau_init: float = option(0.05, "initial temperature (a previous stage's learned tau is inherited)")
+    learn_tau: bool = option(True, "learn log(tau) (frozen in stages 1-2)")
+    inherit_tau: bool = option(True, "start from the tau stored with the input model when it has one")
+    mask_false_negatives: bool = option(True, "remove in-batch candidates equal to a row's positive")
+    # --- model
+    embedder: dict = option(
+        {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"
+    )
+    # --- optimisation (defaults that differ from LoraRunConfig's)
+    lr: float = option(4e-4, "peak learning rate (AdamW)")
+    per_device_batch: int = option(60, "queries per worker per step (in-batch negatives = workers x this)")
+    micro_batch: int = option(0, "GradCache micro-batch (0 = no cache, encode the whole per-device batch)")
+    # --- fault tolerance
     inject_failure_at_step: int = option(0, "testing: rank 0 raises once after this step (0 = never)")
 
     def __post_init__(self) -> None:
@@ -102,33 +160,21 @@ class TrainConfig:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if (self.objective == "distill") != (self.data_kind == "distill"):
             raise ConfigError("objective 'distill' goes with data_kind 'distill' and only with it")
-        if not 0 <= self.zero_stage <= 3:
-            raise ConfigError(f"zero_stage must be 0..3, got {self.zero_stage}")
         if self.per_device_batch < 1 or self.micro_batch < 0:
             raise ConfigError("per_device_batch must be >= 1 and micro_batch >= 0")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ConfigError("set epochs > 0 or max_steps > 0")
+        super().__post_init__()
 
     # ---------------------------------------------------------------- derived paths
     @property
     def stage_dir(self) -> Path:
-        return Path(self.run_dir) / self.stage
+        return RunLayout(self.run_dir).stage_dir(self.stage)
 
     @property
-    def model_dir(self) -> Path:
-        """Where the merged model of this stage is written."""
-        return self.stage_dir / "model"
-
-    def expand(self, value: str) -> str:
-        return value.replace("{run_dir}", str(self.run_dir))
-
-    def data_path(self, value: str) -> Path:
-        """A data path: '{run_dir}' expanded, relative paths resolved under data_root."""
-        p = Path(self.expand(value))
-        return p if p.is_absolute() or not self.data_root else Path(self.data_root) / p
+    def failure_step(self) -> int:
+        return self.inject_failure_at_step
 
 
-# The RECIPE section 3 table. Only what differs from the TrainConfig defaults is listed.
+# The stage table of docs/RECIPE.md section 3. Only what differs from the TrainConfig defaults is listed.
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "stage1": dict(
         data_kind="nli",
@@ -169,7 +215,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         data_kind="mbeir",
         objective="infonce",
         num_negatives=5,
-        negatives_file="{run_dir}/negatives/negatives.jsonl",
+        negatives_file=PRESET_NEGATIVES_FILE,
         lora_r=128,
         lora_alpha=256,
         lr=1.5e-5,
@@ -180,7 +226,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "stage5": dict(
         data_kind="distill",
         objective="distill",
-        teacher_file="{run_dir}/teacher/teacher.jsonl",
+        teacher_file=PRESET_TEACHER_FILE,
         num_candidates=50,
         lora_r=128,
         lora_alpha=256,
@@ -228,7 +274,7 @@ def stage_config(job: TrainJobConfig, name: str) -> TrainConfig:
         chain = [s for s in STAGE_ORDER if s in job.stages or s == name]
         idx = chain.index(name)
         cfg = dataclasses.replace(
-            cfg, model=job.model if idx == 0 else str(Path(job.run_dir) / chain[idx - 1] / "model")
+            cfg, model=job.model if idx == 0 else str(RunLayout(job.run_dir).stage_model(chain[idx - 1]))
         )
     return resolve_paths(cfg)
 
@@ -254,7 +300,7 @@ def check_start_model(cfg: TrainConfig) -> None:
         raise ConfigError(f"{cfg.stage}: no starting model; set {cfg.stage}.model=<HF id or directory>")
     if not is_local_model(model, Path.cwd()) or (Path(model) / "config.json").is_file():
         return
-    previous = next((s for s in STAGE_ORDER if Path(model) == Path(cfg.run_dir) / s / "model"), None)
+    previous = next((s for s in STAGE_ORDER if Path(model) == RunLayout(cfg.run_dir).stage_model(s)), None)
     if previous is None:
         raise ConfigError(
             f"{cfg.stage}: starting model {model} does not exist (no config.json); set model= (the "
