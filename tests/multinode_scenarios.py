@@ -437,7 +437,7 @@ def check_embedding(
     and vectors of the last two shards (embedded after the fault) equal to a direct encoding."""
     import numpy as np
 
-    from umarvel_ray.data import mbeir
+    from umarvel_ray.data import model_items
     from umarvel_ray.data.images import load_image
     from umarvel_ray.model.embedder import Embedder
     from umarvel_ray.store import read_embeddings
@@ -464,7 +464,7 @@ def check_embedding(
     rows = [json.loads(text[n - 1]) for n in range(first, last + 1) if n not in bad_lines]
     items = []
     for r in rows:
-        item = mbeir.candidate_item(r)
+        item = model_items.candidate_item(r)
         if item["image"]:
             item["image"] = load_image(data, item["image"])
         items.append(item)

@@ -12,7 +12,8 @@ import numpy as np
 def probe_items(data: Path) -> tuple[list[dict], list[dict]]:
     """Eight toy queries (with instructions) and eight candidates, images decoded."""
     from umarvel_ray.data.images import load_image
-    from umarvel_ray.data.mbeir import candidate_item, query_item, read_instructions
+    from umarvel_ray.data.instructions import read_instructions
+    from umarvel_ray.data.model_items import candidate_item, query_item
 
     def rows(rel: str) -> list[dict]:
         return [json.loads(x) for x in (data / rel).read_text().splitlines()[:8]]

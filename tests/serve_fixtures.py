@@ -25,7 +25,8 @@ def free_port() -> int:
 def build_pool(out: Path, model_dir: Path, data_root: Path) -> dict[str, Any]:
     """Subset pool jsonl + embedding shard + manifest + saved index, all written by the library."""
     from umarvel_ray.data.images import load_image
-    from umarvel_ray.data.mbeir import candidate_item, read_pool
+    from umarvel_ray.data.mbeir import read_pool
+    from umarvel_ray.data.model_items import candidate_item
     from umarvel_ray.index import build_index
     from umarvel_ray.model.embedder import Embedder
     from umarvel_ray.store import shard_name, write_manifest, write_shard

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, model_items, writers
 from umarvel_ray.data.images import load_image
 from umarvel_ray.embed import decode
 from umarvel_ray.embed.commit import InjectedFailure
@@ -129,12 +129,12 @@ def data_root(tmp_path_factory) -> Path:
     ]
     for q in queries:
         q.update(pos_cand_list=["1:1"], neg_cand_list=[], query_src_content=None)
-    mbeir.write_queries(root / "queries.jsonl", queries)
+    writers.write_queries(root / "queries.jsonl", queries)
     rows = [
-        mbeir.InstructionRow(qm, cm, "MSCOCO", 9, tuple(f"P{p} {qm} to {cm}:" for p in range(4)))
-        for qm, cm in {mbeir.task_modalities(q["task_id"]) for q in queries}
+        instructions.InstructionRow(qm, cm, "MSCOCO", 9, tuple(f"P{p} {qm} to {cm}:" for p in range(4)))
+        for qm, cm in {catalogue.task_modalities(q["task_id"]) for q in queries}
     ]
-    mbeir.write_instructions(root / "instructions" / "query_instructions.tsv", rows)
+    instructions.write_instructions(root / "instructions" / "query_instructions.tsv", rows)
     return root
 
 
@@ -157,13 +157,13 @@ def _cfg(root: Path, model_dir: Path, out: Path, **kw) -> EmbedConfig:
 
 
 def _direct_items(root: Path, rows: list[dict], kind: str, prompt_index: int | None = None) -> list[dict]:
-    instr = mbeir.read_instructions(root / "instructions" / "query_instructions.tsv")
+    instr = instructions.read_instructions(root / "instructions" / "query_instructions.tsv")
     items = []
     for r in rows:
         item = (
-            mbeir.query_item(r, instr, prompt_index=prompt_index)
+            model_items.query_item(r, instr, prompt_index=prompt_index)
             if kind == "query"
-            else mbeir.candidate_item(r)
+            else model_items.candidate_item(r)
         )
         if item["image"]:
             item["image"] = load_image(root, item["image"])
@@ -283,7 +283,7 @@ def test_cpu_collator_matches_embedder(data_root, tiny_model_dir, embedder):
 
 def test_random_instructions_are_seeded_per_query(data_root, tiny_model_dir):
     instr_path = str(data_root / "instructions" / "query_instructions.tsv")
-    instr = mbeir.read_instructions(instr_path)
+    instr = instructions.read_instructions(instr_path)
     rows = {json.loads(line)["qid"]: json.loads(line) for line in (data_root / "queries.jsonl").open()}
 
     def drawn(seed: int) -> dict[str, str]:
@@ -302,7 +302,7 @@ def test_random_instructions_are_seeded_per_query(data_root, tiny_model_dir):
     assert a == drawn(0)
     for qid, text in a.items():
         r = rows[qid]
-        qm, cm = r["query_modality"], mbeir.task_modalities(r["task_id"])[1]
+        qm, cm = r["query_modality"], catalogue.task_modalities(r["task_id"])[1]
         assert text == instr.get(9, qm, cm, rng=decode.query_rng(0, qid))
     assert a != b  # 5 queries x 4 prompts: two seeds agreeing everywhere is a 1/1024 chance
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, MBEIR_TASKS, TASKS_BY_NAME, read_qrels
+from umarvel_ray.data.catalogue import MBEIR_TASKS, TASKS_BY_NAME
+from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_qrels
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.embeddings import (
     EmbeddingSet,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import instructions, mbeir
 from umarvel_ray.data.importer import DEFAULT_PROMPTS, ImportConfig, hashed_split, run_import
 from umarvel_ray.data.tasks import discover_tasks
 from umarvel_ray.data.validate import validate_dir
@@ -178,7 +178,7 @@ def test_coco_import(tmp_path, capsys):
     assert NON_ASCII in (out / "query/test/mbeir_cocoown_task0_test.jsonl").read_text(encoding="utf-8")
     # Ids carry the dataset id; the instruction tsv has one row per written task.
     assert all(q["qid"].startswith("22:") for q in t0)
-    instr = mbeir.read_instructions(out / mbeir.INSTRUCTIONS_FILE)
+    instr = instructions.read_instructions(out / mbeir.INSTRUCTIONS_FILE)
     assert instr.prompts(22, "text", "image") == DEFAULT_PROMPTS[0]
     assert instr.prompts(22, "image", "text") == DEFAULT_PROMPTS[3]
 

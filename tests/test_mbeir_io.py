@@ -8,29 +8,21 @@ import random
 import pyarrow as pa
 import pytest
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, mbeir, writers
+from umarvel_ray.data.catalogue import MBEIR_TASKS, task_modalities
+from umarvel_ray.data.instructions import InstructionRow, Instructions, read_instructions, write_instructions
 from umarvel_ray.data.mbeir import (
-    MBEIR_TASKS,
-    InstructionRow,
-    Instructions,
     MBEIRFormatError,
-    candidate_item,
     did_to_int,
     int_to_did,
     int_to_qid,
-    normalize_text,
     qid_to_int,
-    query_item,
-    read_instructions,
     read_pool,
     read_qrels,
     read_queries,
-    task_modalities,
-    write_instructions,
-    write_pool,
-    write_qrels,
-    write_queries,
 )
+from umarvel_ray.data.model_items import candidate_item, normalize_text, query_item
+from umarvel_ray.data.writers import write_pool, write_qrels, write_queries
 
 QUERIES = [
     {
@@ -151,7 +143,7 @@ def test_reader_raises_file_line_field(tmp_path):
 
 def test_qrels_round_trip(tmp_path):
     p = tmp_path / "qrels.txt"
-    n = write_qrels(p, mbeir.qrels_from_queries(QUERIES))
+    n = write_qrels(p, writers.qrels_from_queries(QUERIES))
     assert n == 4
     assert p.read_text().splitlines() == [
         "8:7 0 8:1 1 7",
@@ -171,7 +163,7 @@ def test_instructions_round_trip_and_real_header(tmp_path):
     p = tmp_path / "instructions" / "query_instructions.tsv"
     write_instructions(p, INSTR)
     header = p.read_text().splitlines()[0].split("\t")
-    assert header == list(mbeir.INSTRUCTION_HEADER)
+    assert header == list(instructions.INSTRUCTION_HEADER)
     assert read_instructions(p).rows == INSTR
     # the published file's name column may be called differently; columns are positional
     p.write_text(
@@ -270,13 +262,13 @@ def test_tasks_table_matches_recipe():
         "fashion200k_task3",
         "fashioniq_task7",
     }
-    t = mbeir.get_task("mscoco_task0")
+    t = catalogue.get_task("mscoco_task0")
     assert (t.dataset, t.dataset_id, t.task_id, t.k) == ("MSCOCO", 9, 0, 5)
     assert t.query_file == "query/test/mbeir_mscoco_task0_test.jsonl"
     assert t.pool_file == "cand_pool/local/mbeir_mscoco_task0_cand_pool.jsonl"
     assert t.qrels_file == "qrels/test/mbeir_mscoco_task0_test_qrels.txt"
     assert (t.query_modality, t.cand_modality) == ("text", "image")
-    assert mbeir.get_task("infoseek_task8").label == "InfoSeek (i,t)->(i,t)"
+    assert catalogue.get_task("infoseek_task8").label == "InfoSeek (i,t)->(i,t)"
     assert task_modalities(2) == ("text", "image,text")
     assert task_modalities(6) == ("image,text", "text")
     with pytest.raises(ValueError):

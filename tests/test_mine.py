@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.artefacts import read_negatives
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.mine.config import MineConfig
@@ -287,7 +287,7 @@ def test_mining_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, t
     mod = dict(zip(pids, p_emb.modalities.tolist(), strict=True))
     for qid, rec in mm.items():
         q = queries[qid]
-        target = mbeir.task_modalities(q["task_id"])[1]
+        target = catalogue.task_modalities(q["task_id"])[1]
         pos = set(q["pos_cand_list"])
         assert len(rec["neg_dids"]) == 5 and not set(rec["neg_dids"]) & pos
         row = sims[qrow[qid]]

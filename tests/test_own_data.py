@@ -21,8 +21,9 @@ import pytest
 from PIL import Image
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir, model_items
 from umarvel_ray.data.importer import ImportConfig, run_import
+from umarvel_ray.data.instructions import read_instructions
 from umarvel_ray.data.tasks import discover_tasks, merge_pools, resolve_train_inputs
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.eval.plan import EvalConfig, plan_tasks
@@ -133,7 +134,7 @@ def test_import_missing_image_can_stop_the_import(user, tmp_path):
 def _mixed_root(user, toy_mbeir_dir, dst: Path) -> Path:
     """The imported tasks next to the toy's mscoco_task0, without any union file."""
     shutil.copytree(user["out"], dst)
-    spec = mbeir.TASKS_BY_NAME["mscoco_task0"]
+    spec = catalogue.TASKS_BY_NAME["mscoco_task0"]
     for rel in (spec.query_file, spec.pool_file, spec.qrels_file):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(toy_mbeir_dir) / rel, dst / rel)
@@ -148,7 +149,7 @@ def test_custom_tasks_next_to_a_known_one_and_no_union_pool(user, toy_mbeir_dir,
     assert validate_dir(root).ok
     found = discover_tasks(root, k={f"{NAME}_task4": 10})
     assert [t.name for t in found] == ["mscoco_task0", *TASKS]  # known first, then by name
-    assert found[0] is mbeir.TASKS_BY_NAME["mscoco_task0"]
+    assert found[0] is catalogue.TASKS_BY_NAME["mscoco_task0"]
     assert [t.k for t in found] == [5, 5, 5, 10] and found[1].label == f"{NAME} t->i"
     with pytest.raises(ValueError, match="published metric"):
         discover_tasks(root, k={"mscoco_task0": 10})
@@ -156,7 +157,7 @@ def test_custom_tasks_next_to_a_known_one_and_no_union_pool(user, toy_mbeir_dir,
                      task_k={f"{NAME}_task4": 10})
     plan = plan_tasks(cfg)
     assert [t.name for t in plan.tasks] == ["mscoco_task0", *TASKS]
-    assert [t.name for t in plan.expected] == [t.name for t in mbeir.MBEIR_TASKS] + TASKS
+    assert [t.name for t in plan.expected] == [t.name for t in catalogue.MBEIR_TASKS] + TASKS
     assert plan.depth == 10 and "mbeir_union" not in str(plan.global_pool_file)
     # Global pool = union of the 4 local pools, ids deduplicated (task0 and task4 share images).
     local_ids = set()
@@ -305,9 +306,9 @@ def _serve_the_evaluation(out: Path, model: Path, ev: Path) -> None:
     hits = [q for q in queries if set(q["pos_cand_list"]) & {d for d, _ in run[q["qid"]]}]
     assert hits, "no text->image hit in the global run: nothing to check the server against"
     q = hits[0]
-    instructions = mbeir.read_instructions(out / mbeir.INSTRUCTIONS_FILE)
+    instructions = read_instructions(out / mbeir.INSTRUCTIONS_FILE)
     # The instruction the evaluation drew for this query (instruction=random, seed 0).
-    item = mbeir.query_item(q, instructions, rng=query_rng(0, q["qid"]))
+    item = model_items.query_item(q, instructions, rng=query_rng(0, q["qid"]))
     args = small_args(model, {"index_dir": index_dir, "embeddings_dir": emb_dir}, reranker_dir="")
     with serve_app(args, name="own_data") as base:
         r = requests.post(f"{base}/v1/search", timeout=120,

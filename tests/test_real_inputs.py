@@ -14,7 +14,7 @@ import pytest
 from bad_inputs import CASES, Q0, make_cases
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.data import catalogue, jsonl, mbeir, model_items
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.data.validate import validate_dir
 from umarvel_ray.embed import decode
@@ -152,13 +152,13 @@ def test_ids_that_would_share_an_integer_are_refused():
 
 
 def test_uniir_text_rule():
-    assert mbeir.normalize_text('"a red square"') == "A red square."
-    assert mbeir.normalize_text("a green\r\nsquare") == "A green\nsquare."
-    assert mbeir.normalize_text("  is it red?  ") == "Is it red?"
-    assert mbeir.normalize_text('""') == "" and mbeir.normalize_text(None) == ""
-    assert mbeir.apply_text_rule('"x"', "none") == '"x"' and mbeir.apply_text_rule('""', "uniir") is None
+    assert model_items.normalize_text('"a red square"') == "A red square."
+    assert model_items.normalize_text("a green\r\nsquare") == "A green\nsquare."
+    assert model_items.normalize_text("  is it red?  ") == "Is it red?"
+    assert model_items.normalize_text('""') == "" and model_items.normalize_text(None) == ""
+    assert model_items.apply_text_rule('"x"', "none") == '"x"' and model_items.apply_text_rule('""', "uniir") is None
     with pytest.raises(ValueError, match="unknown text rule"):
-        mbeir.apply_text_rule("x", "lower")
+        model_items.apply_text_rule("x", "lower")
 
 
 def test_text_rule_in_the_embedding_stage(cases):
@@ -271,7 +271,7 @@ def test_pytrec_eval_parity(cases, tmp_path):
     rep = evaluate_stage(cfg, plan_tasks(cfg), emb)
     data = json.loads(Path(rep["paths"]["json"]).read_text())
     for task in ("mscoco_task0", "mscoco_task3"):
-        qrels_file = root / mbeir.get_task(task).qrels_file
+        qrels_file = root / catalogue.get_task(task).qrels_file
         qrels = {}
         for line in qrels_file.read_text().splitlines():
             qid, _, did, rel, _ = line.split()

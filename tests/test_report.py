@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from umarvel_ray.data.mbeir import MBEIR_TASKS
+from umarvel_ray.data.catalogue import MBEIR_TASKS
 from umarvel_ray.eval.metrics import RetrievalMetrics
 from umarvel_ray.eval.report import (
     markdown_table,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from umarvel_ray.config import resolve_paths
-from umarvel_ray.data.mbeir import candidate_item
+from umarvel_ray.data.model_items import candidate_item
 from umarvel_ray.layout import STEPS_FILE
 from umarvel_ray.layout import TRAIN_SUMMARY_FILE as SUMMARY_FILE
 from umarvel_ray.train.batches import ShardPlan

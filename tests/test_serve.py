@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from serve_fixtures import build_pool, png_b64, serve_app, small_args
 
-from umarvel_ray.data.mbeir import normalize_text
+from umarvel_ray.data.model_items import normalize_text
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 requests = pytest.importorskip("requests")
@@ -99,7 +99,7 @@ def test_openai_embeddings_shape(base, setup):
 
 
 def test_indexed_candidate_is_its_own_nearest_neighbour(base, setup, toy_mbeir_dir):
-    from umarvel_ray.data.mbeir import apply_text_rule
+    from umarvel_ray.data.model_items import apply_text_rule
 
     vecs, ids = setup["vectors"], setup["ids"]
     for j in (0, 7, 19, 33):
@@ -139,7 +139,7 @@ def test_rerank_order_equals_library(base, setup, reranker):
                 *({"id": i} for i in pool_ids), {"image": png_b64(_img(6, 56, 112))}]
     px = (reranker.cfg.inputs.min_pixels, reranker.cfg.inputs.max_pixels)
     from umarvel_ray.data.images import load_image
-    from umarvel_ray.data.mbeir import candidate_item
+    from umarvel_ray.data.model_items import candidate_item
 
     pool_items = [candidate_item(next(r for r in setup["rows"] if r["did"] == i)) for i in pool_ids]
     docs_local = [
@@ -171,7 +171,7 @@ def _data_root(setup):
 
 def test_search_rerank_fusion(base, setup, reranker):
     from umarvel_ray.data.images import load_image
-    from umarvel_ray.data.mbeir import candidate_item
+    from umarvel_ray.data.model_items import candidate_item
 
     q = {"text": "A purple triangle on the left.", "instruction": "Retrieve an image."}
     w = 0.7

@@ -9,10 +9,8 @@ import time
 
 import pytest
 
-from umarvel_ray.serve.bench import (
-    BenchSettings,
-    app_args,
-    autoscale_args,
+from umarvel_ray.serve.bench import BenchSettings, app_args, autoscale_args
+from umarvel_ray.serve.bench_report import (
     best_ratio,
     percentile,
     ratio_line,
@@ -147,7 +145,7 @@ async def _server(delay_s: float, fail_every: int = 0):
 
 def test_load_loop_is_bounded_in_count_and_time():
     pytest.importorskip("httpx")
-    from umarvel_ray.serve.bench import client_for, drive
+    from umarvel_ray.serve.bench_load import client_for, drive
 
     async def main():
         server, port, served = await _server(delay_s=0.0, fail_every=5)
@@ -180,7 +178,7 @@ def test_request_bodies_carry_each_row_as_one_query_item(tmp_path):
 
     from PIL import Image
 
-    from umarvel_ray.serve.bench import request_bodies
+    from umarvel_ray.serve.bench_data import request_bodies
 
     Image.new("RGB", (84, 84), "red").save(tmp_path / "a.png")
     rows = [{"txt": "A red square.", "img_path": "a.png"}, {"txt": "Text only.", "img_path": None},

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from umarvel_ray.serve import bench_cpu
-from umarvel_ray.serve.bench import ceiling_line
+from umarvel_ray.serve.bench_report import ceiling_line
 
 
 def test_roles_from_titles():

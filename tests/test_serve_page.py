@@ -117,7 +117,7 @@ def _search(pg):
 
 
 def test_typed_query_shows_its_known_results(page, setup, tmp_path):
-    from umarvel_ray.data.mbeir import apply_text_rule
+    from umarvel_ray.data.model_items import apply_text_rule
 
     row = next(r for r in setup["rows"] if r.get("txt") and r.get("img_path"))
     text = row["txt"]

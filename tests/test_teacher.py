@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.artefacts import read_teacher
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.embed.config import EmbedConfig
@@ -70,7 +70,7 @@ def test_stratified_sample_per_task(toy_mbeir_dir):
     sizes: dict[str, int] = {}
     for m in metas.values():
         sizes[m.task] = sizes.get(m.task, 0) + 1
-    assert len(sizes) == 16 and set(sizes) == {t.name for t in mbeir.MBEIR_TASKS}
+    assert len(sizes) == 16 and set(sizes) == {t.name for t in catalogue.MBEIR_TASKS}
 
     s = stratified_sample(metas, 0.1, seed=0)
     assert set(s) == set(sizes)
@@ -152,7 +152,7 @@ def test_teacher_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, 
     weights = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
     for qid, r in recs.items():
         m = metas[qid]
-        target = mbeir.task_modalities(m.task_id)[1]
+        target = catalogue.task_modalities(m.task_id)[1]
         local = [
             d for d, c in pool.items() if mbeir.split_id(d)[0] == m.dataset_id and c["modality"] == target
         ]
@@ -166,7 +166,7 @@ def test_teacher_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, 
             assert abs(float(qvec[qid] @ pvec[d]) - c) < 1e-5
         best_local = max(float(qvec[qid] @ pvec[d]) for d in local)
         assert abs(r["cos"][0] - best_local) < 1e-5
-    assert {recs[q]["task"] for q in recs} == {t.name for t in mbeir.MBEIR_TASKS}
+    assert {recs[q]["task"] for q in recs} == {t.name for t in catalogue.MBEIR_TASKS}
 
     # Restart: a lost shard is re-scored, the other is reused; the output does not change.
     shard0 = tmp_path / "t1" / "_shards" / "teacher-00000.json"

@@ -1,7 +1,7 @@
 """The toy M-BEIR must be a faithful M-BEIR directory, deterministic, leak-free and learnable.
 
 Learnability is checked without a neural model: an oracle that reads the attribute words of the
-texts (scenes.LEXICON) and the true scene of each image ranks the positives first, random ranking
+texts (words.LEXICON) and the true scene of each image ranks the positives first, random ranking
 does not, and every positive has a one-attribute hard distractor in its pool.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, mbeir, model_items
+from umarvel_ray.data.toy import drawing, words
 from umarvel_ray.data.toy import scenes as sc
 from umarvel_ray.data.toy.builder import (
     CAPTION_FILE,
@@ -62,7 +63,7 @@ def toy(toy_mbeir_dir: Path) -> dict:
     root = Path(toy_mbeir_dir)
     tasks = {
         t.name: {"queries": _jsonl(root / t.query_file), "pool": _jsonl(root / t.pool_file)}
-        for t in mbeir.MBEIR_TASKS
+        for t in catalogue.MBEIR_TASKS
     }
     return {
         "root": root,
@@ -88,20 +89,20 @@ def test_mutations_change_exactly_one_attribute_and_render_deterministically():
             for m in ms:
                 assert sc.attr_distance(s.attrs(), sc.apply_mutation(s, m).attrs()) == 1, m
     s = sc.sample_scene(random.Random(1), "double")
-    a, b = sc.encode_png(sc.render(s, "x")), sc.encode_png(sc.render(s, "x"))
+    a, b = drawing.encode_png(drawing.render(s, "x")), drawing.encode_png(drawing.render(s, "x"))
     assert a == b
-    assert sc.render(s, "x").size == (sc.IMAGE_SIZE, sc.IMAGE_SIZE)
+    assert drawing.render(s, "x").size == (sc.IMAGE_SIZE, sc.IMAGE_SIZE)
     # one-attribute edits are visible in pixels
     m = sc.mutations(s, ("color",))[0]
-    assert sc.render(sc.apply_mutation(s, m), "x").tobytes() != sc.render(s, "x").tobytes()
+    assert drawing.render(sc.apply_mutation(s, m), "x").tobytes() != drawing.render(s, "x").tobytes()
 
 
 def _text_bag(text: str) -> Counter:
     """Attribute words of a text (positions and the optional word 'solid/plain' ignored)."""
     bag: Counter = Counter()
     for tok in re.findall(r"[a-z]+(?:-[a-z]+)?", text.lower()):
-        if tok in sc.LEXICON:
-            attr, val = sc.LEXICON[tok]
+        if tok in words.LEXICON:
+            attr, val = words.LEXICON[tok]
             if attr != "position" and not (attr == "texture" and val == "solid"):
                 bag[(attr, val)] += 1
     return bag
@@ -124,12 +125,12 @@ def test_captions_name_every_attribute(style):
     seen = set()
     for _ in range(200):
         s = sc.sample_scene(rng, "mixed")
-        text = sc.caption(s, rng, style)
+        text = words.caption(s, rng, style)
         seen.add(text)
         assert _text_bag(text) == _scene_bag(s.to_json()), text
     assert len(seen) == 200
     s = sc.sample_scene(random.Random(0), "single")
-    assert _text_bag(sc.caption(s, rng, "product")) == _scene_bag(s.to_json())
+    assert _text_bag(words.caption(s, rng, "product")) == _scene_bag(s.to_json())
 
 
 def test_refer_picks_exactly_one_group():
@@ -137,7 +138,7 @@ def test_refer_picks_exactly_one_group():
     for _ in range(100):
         s = sc.sample_scene(rng, "double")
         for i in range(2):
-            for ident in sc.refer_options(s, i, avoid=("color",)):
+            for ident in words.refer_options(s, i, avoid=("color",)):
                 assert "color" not in ident
                 hits = [g for g in s.groups if all(str(getattr(g, k)) == v for k, v in ident.items())]
                 assert hits == [s.groups[i]]
@@ -150,7 +151,7 @@ def test_refer_picks_exactly_one_group():
 
 def test_layout_task_ids_and_modalities(toy):
     root = toy["root"]
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         for rel in (t.query_file, t.pool_file, t.qrels_file):
             assert (root / rel).is_file(), rel
         qs, pool = toy["tasks"][t.name]["queries"], toy["tasks"][t.name]["pool"]
@@ -195,10 +196,10 @@ def test_images_are_small_rgb(toy):
 
 
 def test_instructions_cover_every_dataset_task_pair(toy):
-    ins = mbeir.read_instructions(toy["root"] / mbeir.INSTRUCTIONS_FILE)
+    ins = instructions.read_instructions(toy["root"] / mbeir.INSTRUCTIONS_FILE)
     assert len(ins) == 16
     used = {
-        (mbeir.split_id(q["qid"])[0], q["query_modality"], mbeir.task_modalities(q["task_id"])[1])
+        (mbeir.split_id(q["qid"])[0], q["query_modality"], catalogue.task_modalities(q["task_id"])[1])
         for qs in [*(t["queries"] for t in toy["tasks"].values()), toy["train_q"]]
         for q in qs
     }
@@ -208,7 +209,7 @@ def test_instructions_cover_every_dataset_task_pair(toy):
         assert len(prompts) == 4 and len(set(prompts)) == 4
         assert all(p[0].isupper() and p.endswith(".") for p in prompts)
     q = toy["tasks"]["cirr_task7"]["queries"][0]
-    item = mbeir.query_item(q, ins, prompt_index=1)
+    item = model_items.query_item(q, ins, prompt_index=1)
     assert item["instruction"] == ins.prompts(8, "image,text", "image")[1] and item["image"]
 
 
@@ -219,7 +220,7 @@ def test_instructions_cover_every_dataset_task_pair(toy):
 
 def test_union_pool_is_the_union_of_local_pools(toy):
     root = toy["root"]
-    concat = "".join((root / t.pool_file).read_text(encoding="utf-8") for t in mbeir.MBEIR_TASKS)
+    concat = "".join((root / t.pool_file).read_text(encoding="utf-8") for t in catalogue.MBEIR_TASKS)
     assert (root / mbeir.GLOBAL_POOL_FILE).read_text(encoding="utf-8") == concat
     ids = [c["did"] for c in toy["union"]]
     assert len(ids) == len(set(ids))
@@ -228,7 +229,7 @@ def test_union_pool_is_the_union_of_local_pools(toy):
 def test_positives_in_local_and_union_pools_and_qrels(toy):
     root = toy["root"]
     union = {c["did"] for c in toy["union"]}
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         local = {c["did"] for c in toy["tasks"][t.name]["pool"]}
         qs = toy["tasks"][t.name]["queries"]
         for q in qs:
@@ -252,7 +253,7 @@ def test_positives_are_complete_locally_and_globally(toy):
     """Key oracle: exactly the labelled positives carry the query's target content, in the local pool
     and in the whole union pool of that modality, so local and global recall are both exact."""
     union_index = _content_index(toy["union"])
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         local_index = _content_index(toy["tasks"][t.name]["pool"])
         for q in toy["tasks"][t.name]["queries"]:
             key = (t.cand_modality, sc.canonical(_toy(q["query_src_content"])["target"]))
@@ -260,12 +261,12 @@ def test_positives_are_complete_locally_and_globally(toy):
             assert union_index[key] == set(q["pos_cand_list"]), (t.name, q["qid"])
     train_index = _content_index(toy["train_pool"])
     for q in toy["train_q"]:
-        key = (mbeir.task_modalities(q["task_id"])[1], sc.canonical(_toy(q["query_src_content"])["target"]))
+        key = (catalogue.task_modalities(q["task_id"])[1], sc.canonical(_toy(q["query_src_content"])["target"]))
         assert train_index[key] == set(q["pos_cand_list"]), q["qid"]
 
 
 def test_every_positive_has_a_one_attribute_distractor(toy):
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         pool = {c["did"]: _toy(c["src_content"])["attrs"] for c in toy["tasks"][t.name]["pool"]}
         for q in toy["tasks"][t.name]["queries"]:
             pos = set(q["pos_cand_list"])
@@ -281,7 +282,7 @@ def _random_hit_rate(n: int, p: int, k: int) -> float:
 def test_oracle_reading_attributes_wins_and_random_loses(toy):
     """Tasks 0-3 (text on one side): matching attribute words against true scene content ranks a
     positive within the top k for almost every query; random ranking almost never does."""
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         if t.task_id not in (0, 1, 2, 3):
             continue
         pool = toy["tasks"][t.name]["pool"]
@@ -381,7 +382,7 @@ def test_pretrain_pairs_and_info(toy):
     info = json.loads((root / INFO_FILE).read_text())
     assert info["seed"] == 0 and info["size"] == "small"
     assert info["union_test_pool"] == len(toy["union"]) and info["train"]["queries"] == len(toy["train_q"])
-    for t in mbeir.MBEIR_TASKS:
+    for t in catalogue.MBEIR_TASKS:
         assert info["test"][t.name]["queries"] == len(toy["tasks"][t.name]["queries"])
     n_images = sum(1 for _ in (root / "mbeir_images").rglob("*.png")) + sum(
         1 for _ in (root / "pretrain/images").glob("*.png")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, instructions, mbeir, writers
 from umarvel_ray.data.validate import validate_dir, validate_query_file
 
 _JOB = Path(__file__).resolve().parents[1] / "jobs" / "validate_data.py"
@@ -22,8 +22,8 @@ def validate_main(argv: list[str]) -> int:
     return mod.main(argv)
 
 
-T0 = mbeir.get_task("mscoco_task0")  # text -> image
-T3 = mbeir.get_task("mscoco_task3")  # image -> text
+T0 = catalogue.get_task("mscoco_task0")  # text -> image
+T3 = catalogue.get_task("mscoco_task3")  # image -> text
 
 
 def _q(qid: str, task: int, pos: list[str], txt: str | None = None, img: str | None = None) -> dict:
@@ -59,18 +59,18 @@ def make_dir(root: Path) -> Path:
     pool3 = [_c(f"9:{10 + i}", txt=f"caption {i}") for i in range(4)]
     q0 = [_q(f"9:{i}", 0, [f"9:{i}"], txt=f"caption {i}") for i in range(4)]
     q3 = [_q(f"9:{100 + i}", 3, [f"9:{10 + i}"], img=imgs[i]) for i in range(4)]
-    mbeir.write_pool(root / T0.pool_file, pool0)
-    mbeir.write_pool(root / T3.pool_file, pool3)
-    mbeir.write_pool(root / mbeir.GLOBAL_POOL_FILE, pool0 + pool3)
-    mbeir.write_queries(root / T0.query_file, q0)
-    mbeir.write_queries(root / T3.query_file, q3)
-    mbeir.write_qrels(root / T0.qrels_file, mbeir.qrels_from_queries(q0))
-    mbeir.write_qrels(root / T3.qrels_file, mbeir.qrels_from_queries(q3))
-    mbeir.write_instructions(
+    writers.write_pool(root / T0.pool_file, pool0)
+    writers.write_pool(root / T3.pool_file, pool3)
+    writers.write_pool(root / mbeir.GLOBAL_POOL_FILE, pool0 + pool3)
+    writers.write_queries(root / T0.query_file, q0)
+    writers.write_queries(root / T3.query_file, q3)
+    writers.write_qrels(root / T0.qrels_file, writers.qrels_from_queries(q0))
+    writers.write_qrels(root / T3.qrels_file, writers.qrels_from_queries(q3))
+    instructions.write_instructions(
         root / mbeir.INSTRUCTIONS_FILE,
         [
-            mbeir.InstructionRow("text", "image", "MSCOCO", 9, ("a", "b", "c", "d")),
-            mbeir.InstructionRow("image", "text", "MSCOCO", 9, ("e", "f", "g", "h")),
+            instructions.InstructionRow("text", "image", "MSCOCO", 9, ("a", "b", "c", "d")),
+            instructions.InstructionRow("image", "text", "MSCOCO", 9, ("e", "f", "g", "h")),
         ],
     )
     return root
@@ -252,7 +252,7 @@ def test_empty_or_missing_dir(tmp_path):
 
 def test_validate_query_file_standalone(tmp_path):
     p = tmp_path / "q.jsonl"
-    mbeir.write_queries(p, [_q("9:1", 0, ["9:1"], txt="x")])
+    writers.write_queries(p, [_q("9:1", 0, ["9:1"], txt="x")])
     with open(p, "a") as f:
         f.write(json.dumps({**_q("9:2", 0, ["9:1"], txt="x"), "neg_cand_list": "9:5"}) + "\n")
     rep = validate_query_file(p)

@@ -1,149 +1,41 @@
-"""M-BEIR files (queries, candidate pools, qrels, instructions) read into and written from pyarrow.
+"""M-BEIR files (queries, candidate pools, qrels) read into pyarrow; ids and per-record checks.
 
-One module owns the field semantics of RECIPE.md section 2 so that the toy generator, the
-validator, the embedding pipeline and the evaluator agree byte for byte: ids are strings
-"<dataset_id>:<n>", text or image may be null, `*_src_content` is an opaque string, and every row
-keeps its 1-based source `line` so that any later rejection can point back to FILE:LINE.
+One module owns the field semantics of the M-BEIR format (UniIR's jsonl records) so that the toy
+generator, the validator, the embedding pipeline and the evaluator agree byte for byte: ids are
+strings "<dataset_id>:<n>", text or image may be null, `*_src_content` is an opaque string, and
+every row keeps its 1-based source `line` so that any later rejection can point back to FILE:LINE.
 The per-record checks live here too (`check_query_record`, `check_pool_record`,
-`parse_qrels_line`) so the readers and `validate.py` cannot drift apart.
+`parse_qrels_line`) so the readers, the writers (`data.writers`) and `validate.py` cannot drift
+apart. The benchmark's datasets and tasks are `data.catalogue`, the instruction tsv is
+`data.instructions`, and what the model is given for a record is `data.model_items`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from umarvel_ray.data import jsonl
+from umarvel_ray.data.catalogue import TASK_MODALITIES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import ray.data
 
 # ----------------------------------------------------------------------------------------------
-# Constants: modalities, datasets, tasks, standard paths
+# Constants: modalities, standard paths
 # ----------------------------------------------------------------------------------------------
 
 MODALITIES: tuple[str, ...] = ("text", "image", "image,text")
-
-DATASET_IDS: dict[str, int] = {
-    "VisualNews": 0,
-    "Fashion200K": 1,
-    "WebQA": 2,
-    "EDIS": 3,
-    "NIGHTS": 4,
-    "OVEN": 5,
-    "InfoSeek": 6,
-    "FashionIQ": 7,
-    "CIRR": 8,
-    "MSCOCO": 9,
-}
-DATASET_NAMES: dict[int, str] = {v: k for k, v in DATASET_IDS.items()}
-
-# task_id -> (query modality, candidate modality). Task 5 (image -> image,text) exists in UniIR's
-# numbering but has no M-BEIR evaluation task; it is kept so that ids 0..8 all resolve.
-TASK_MODALITIES: dict[int, tuple[str, str]] = {
-    0: ("text", "image"),
-    1: ("text", "text"),
-    2: ("text", "image,text"),
-    3: ("image", "text"),
-    4: ("image", "image"),
-    5: ("image", "image,text"),
-    6: ("image,text", "text"),
-    7: ("image,text", "image"),
-    8: ("image,text", "image,text"),
-}
 
 GLOBAL_POOL_FILE = "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
 TRAIN_QUERY_FILE = "query/train/mbeir_union_up_train.jsonl"
 TRAIN_POOL_FILE = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
 INSTRUCTIONS_FILE = "instructions/query_instructions.tsv"
-
-_SHORT = {"text": "t", "image": "i", "image,text": "(i,t)"}
-
-
-def task_modalities(task_id: int) -> tuple[str, str]:
-    """(query_modality, cand_modality) of an M-BEIR task id; the pool modality is implied by it."""
-    try:
-        return TASK_MODALITIES[int(task_id)]
-    except (KeyError, ValueError, TypeError):
-        raise ValueError(f"unknown M-BEIR task_id {task_id!r} (expected 0..8)") from None
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One of the 16 M-BEIR evaluation tasks: where its files are and which k it is scored at."""
-
-    name: str
-    dataset: str
-    dataset_id: int
-    task_id: int
-    k: int
-    label: str
-    query_file: str
-    pool_file: str
-    qrels_file: str
-
-    @property
-    def query_modality(self) -> str:
-        return task_modalities(self.task_id)[0]
-
-    @property
-    def cand_modality(self) -> str:
-        return task_modalities(self.task_id)[1]
-
-
-def _task(dataset: str, task_id: int) -> TaskSpec:
-    low = dataset.lower()
-    qm, cm = task_modalities(task_id)
-    return TaskSpec(
-        name=f"{low}_task{task_id}",
-        dataset=dataset,
-        dataset_id=DATASET_IDS[dataset],
-        task_id=task_id,
-        k=10 if dataset in ("Fashion200K", "FashionIQ") else 5,
-        label=f"{dataset} {_SHORT[qm]}->{_SHORT[cm]}",
-        query_file=f"query/test/mbeir_{low}_task{task_id}_test.jsonl",
-        pool_file=f"cand_pool/local/mbeir_{low}_task{task_id}_cand_pool.jsonl",
-        qrels_file=f"qrels/test/mbeir_{low}_task{task_id}_test_qrels.txt",
-    )
-
-
-# RECIPE.md column order.
-MBEIR_TASKS: list[TaskSpec] = [
-    _task("VisualNews", 0),
-    _task("MSCOCO", 0),
-    _task("Fashion200K", 0),
-    _task("WebQA", 1),
-    _task("EDIS", 2),
-    _task("WebQA", 2),
-    _task("VisualNews", 3),
-    _task("MSCOCO", 3),
-    _task("Fashion200K", 3),
-    _task("NIGHTS", 4),
-    _task("OVEN", 6),
-    _task("InfoSeek", 6),
-    _task("FashionIQ", 7),
-    _task("CIRR", 7),
-    _task("OVEN", 8),
-    _task("InfoSeek", 8),
-]
-TASKS_BY_NAME: dict[str, TaskSpec] = {t.name: t for t in MBEIR_TASKS}
-
-
-def get_task(name: str) -> TaskSpec:
-    """TaskSpec by name ("mscoco_task0"); KeyError lists the valid names."""
-    try:
-        return TASKS_BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS_BY_NAME)}") from None
-
 
 # ----------------------------------------------------------------------------------------------
 # Errors and ids
@@ -229,46 +121,6 @@ def int_to_qid(x: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Text normalisation
-# ----------------------------------------------------------------------------------------------
-
-
-TEXT_RULES = ("uniir", "none")
-
-
-def normalize_text(s: str | None) -> str:
-    """UniIR's `format_string`, applied to query text and candidate text alike.
-
-    Source: TIGER-AI-Lab/UniIR, src/data/preprocessing/utils.py `format_string` (commit 669475c),
-    called in src/data/mbeir_dataset.py on `query_txt`, on every candidate `txt` (positives,
-    negatives, the pool dataset) and on the instruction-prefixed query. In order: drop every CR
-    (so CRLF becomes LF), strip surrounding whitespace, strip surrounding double quotes (all of
-    them, as `str.strip('"')` does, with no second whitespace strip), upper-case the first
-    character, and add a final "." unless the text ends in ".", "?" or "!". None gives "".
-    """
-    s = (s or "").replace("\r", "").strip().strip('"')
-    if s:
-        s = s[0].upper() + s[1:]
-        if s[-1] not in ".?!":
-            s += "."
-    return s
-
-
-def apply_text_rule(txt: Any, rule: str = "uniir") -> str | None:
-    """Model text of a record's text field under `rule` (TEXT_RULES); None when there is no text.
-
-    "uniir" is `normalize_text`; "none" passes the text through unchanged. A text that the rule
-    empties (only quotes, say) counts as no text, the same test `_present` applies to the raw field.
-    """
-    if rule not in TEXT_RULES:
-        raise ValueError(f"unknown text rule {rule!r} (expected one of {', '.join(TEXT_RULES)})")
-    if not _present(txt):
-        return None
-    out = normalize_text(txt) if rule == "uniir" else txt
-    return out if out.strip() else None
-
-
-# ----------------------------------------------------------------------------------------------
 # Record checks (shared by readers and validate.py)
 # ----------------------------------------------------------------------------------------------
 
@@ -289,7 +141,7 @@ POOL_REQUIRED = ("did", "txt", "img_path", "modality")
 Issue = tuple[str, str]  # (field, message)
 
 
-def _present(v: Any) -> bool:
+def present(v: Any) -> bool:
     """A text or image slot counts as filled when it is a non-blank string."""
     return isinstance(v, str) and v.strip() != ""
 
@@ -313,7 +165,7 @@ def _check_modality(
     if mod not in MODALITIES:
         out.append((mod_field, f"unknown modality {mod!r} (expected one of {', '.join(MODALITIES)})"))
         return
-    has_t, has_i = _present(obj[txt_field]), _present(obj[img_field])
+    has_t, has_i = present(obj[txt_field]), present(obj[img_field])
     want_t, want_i = "text" in mod, "image" in mod
     if want_t != has_t or want_i != has_i:
         got = ",".join(x for x, h in (("image", has_i), ("text", has_t)) if h) or "nothing"
@@ -450,7 +302,7 @@ POOL_SCHEMA = pa.schema(
 )
 
 
-def _raise_first(path: str | Path, line: int, issues: list[Issue]) -> None:
+def raise_first(path: str | Path, line: int, issues: list[Issue]) -> None:
     if issues:
         f, msg = issues[0]
         raise MBEIRFormatError(path, line, f, msg)
@@ -468,7 +320,7 @@ def read_queries(path: str | Path, validate: bool = True) -> pa.Table:
         if err is not None:
             raise MBEIRFormatError(path, n, "<json>", err)
         if validate:
-            _raise_first(path, n, check_query_record(obj))
+            raise_first(path, n, check_query_record(obj))
             if obj["qid"] in seen:
                 raise MBEIRFormatError(
                     path, n, "qid", f"duplicate id {obj['qid']!r} (first at line {seen[obj['qid']]})"
@@ -500,7 +352,7 @@ def read_pool(path: str | Path, validate: bool = True) -> pa.Table:
         if err is not None:
             raise MBEIRFormatError(path, n, "<json>", err)
         if validate:
-            _raise_first(path, n, check_pool_record(obj))
+            raise_first(path, n, check_pool_record(obj))
             if obj["did"] in seen:
                 raise MBEIRFormatError(
                     path, n, "did", f"duplicate id {obj['did']!r} (first at line {seen[obj['did']]})"
@@ -556,268 +408,3 @@ def read_pool_dataset(path: str | Path, validate: bool = True, blocks: int | Non
     import ray.data
 
     return ray.data.from_arrow(_slices(read_pool(path, validate=validate), blocks))
-
-
-# ----------------------------------------------------------------------------------------------
-# Instructions
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstructionRow:
-    """One tsv row: the prompts for (dataset_id, query modality, candidate modality)."""
-
-    query_modality: str
-    cand_modality: str
-    dataset: str
-    dataset_id: int
-    prompts: tuple[str, ...]
-
-
-@dataclass
-class Instructions:
-    """Query instructions keyed by (dataset_id, query_modality, cand_modality)."""
-
-    rows: list[InstructionRow] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._by_key = {(r.dataset_id, r.query_modality, r.cand_modality): r for r in self.rows}
-
-    def prompts(self, dataset_id: int, query_modality: str, cand_modality: str) -> tuple[str, ...]:
-        """All prompts of a key; KeyError names the key when the tsv has no such row."""
-        try:
-            return self._by_key[(int(dataset_id), query_modality, cand_modality)].prompts
-        except KeyError:
-            raise KeyError(
-                f"no instruction for dataset_id={dataset_id} ({DATASET_NAMES.get(int(dataset_id), '?')}), "
-                f"{query_modality} -> {cand_modality}"
-            ) from None
-
-    def get(
-        self,
-        dataset_id: int,
-        query_modality: str,
-        cand_modality: str,
-        rng: random.Random | None = None,
-        prompt_index: int | None = None,
-    ) -> str:
-        """One prompt: `prompt_index` if given, else a draw from `rng`, else prompt 0 (deterministic)."""
-        ps = self.prompts(dataset_id, query_modality, cand_modality)
-        if prompt_index is not None:
-            if not 0 <= prompt_index < len(ps):
-                raise IndexError(f"prompt_index {prompt_index} out of range (0..{len(ps) - 1})")
-            return ps[prompt_index]
-        if rng is not None:
-            return ps[rng.randrange(len(ps))]
-        return ps[0]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._by_key
-
-
-# The jsonl BOM rule for the tsv too: a leading UTF-8 BOM is dropped (csv with newline="" already
-# takes LF, CRLF and CR line ends, as `data.jsonl` does).
-TSV_ENCODING = "utf-8-sig"
-
-INSTRUCTION_HEADER = (
-    "query_modality",
-    "cand_modality",
-    "dataset",
-    "dataset_id",
-    "prompt_1",
-    "prompt_2",
-    "prompt_3",
-    "prompt_4",
-)
-
-
-def parse_instruction_row(cells: list[str]) -> InstructionRow | Issue:
-    """Cells of one tsv data row -> InstructionRow, or (field, message) when malformed."""
-    if len(cells) < 5:
-        return ("<line>", f"expected at least 5 tab-separated columns, got {len(cells)}")
-    qm, cm, name, ds = (c.strip() for c in cells[:4])
-    if qm not in MODALITIES:
-        return ("query_modality", f"unknown modality {qm!r} (expected one of {', '.join(MODALITIES)})")
-    if cm not in MODALITIES:
-        return ("cand_modality", f"unknown modality {cm!r} (expected one of {', '.join(MODALITIES)})")
-    if not ds.isdigit():
-        return ("dataset_id", f"expected an integer, got {ds!r}")
-    prompts = tuple(c.strip() for c in cells[4:] if c.strip())
-    if not prompts:
-        return ("prompt_1", "no non-empty prompt")
-    return InstructionRow(qm, cm, name, int(ds), prompts)
-
-
-def read_instructions(path: str | Path) -> Instructions:
-    """Instruction tsv (header + rows; columns by position, names as in UniIR) -> Instructions."""
-    rows: list[InstructionRow] = []
-    seen: dict[tuple[int, str, str], int] = {}
-    with open(path, encoding=TSV_ENCODING, newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["query_modality", "cand_modality"]:
-            raise MBEIRFormatError(
-                path, 1, "<header>", "expected a header 'query_modality\\tcand_modality\\t...'"
-            )
-        for cells in reader:
-            n = reader.line_num
-            if not any(c.strip() for c in cells):
-                continue
-            parsed = parse_instruction_row(cells)
-            if isinstance(parsed, tuple):
-                raise MBEIRFormatError(path, n, parsed[0], parsed[1])
-            key = (parsed.dataset_id, parsed.query_modality, parsed.cand_modality)
-            if key in seen:
-                raise MBEIRFormatError(
-                    path, n, "dataset_id", f"duplicate row for {key} (first at line {seen[key]})"
-                )
-            seen[key] = n
-            rows.append(parsed)
-    return Instructions(rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# Items for the model
-# ----------------------------------------------------------------------------------------------
-
-
-def query_item(
-    row: Mapping[str, Any],
-    instructions: Instructions,
-    rng: random.Random | None = None,
-    prompt_index: int | None = None,
-    text_rule: str = "uniir",
-) -> dict[str, Any]:
-    """Query row -> model item {text under `text_rule`, image path, instruction}.
-
-    The instruction is the tsv prompt as written: U-MARVEL keeps it apart from the query text
-    (wrapped in its own markers and left out of the pooled span), so UniIR's formatting of the
-    concatenated "<prompt> <query>" string has no counterpart here.
-    """
-    ds, _ = split_id(row["qid"])
-    qm = row["query_modality"]
-    cm = task_modalities(row["task_id"])[1]
-    return {
-        "text": apply_text_rule(row.get("query_txt"), text_rule),
-        "image": row.get("query_img_path") or None,
-        "instruction": instructions.get(ds, qm, cm, rng=rng, prompt_index=prompt_index),
-    }
-
-
-def candidate_item(row: Mapping[str, Any], text_rule: str = "uniir") -> dict[str, Any]:
-    """Candidate row -> model item; no instruction, text under the same `text_rule` as queries."""
-    return {
-        "text": apply_text_rule(row.get("txt"), text_rule),
-        "image": row.get("img_path") or None,
-        "instruction": None,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Writers (toy generator, tests)
-# ----------------------------------------------------------------------------------------------
-
-
-def _rows(rows: Iterable[Mapping[str, Any]] | pa.Table) -> Iterable[Mapping[str, Any]]:
-    return rows.to_pylist() if isinstance(rows, pa.Table) else rows
-
-
-def _write_jsonl(
-    path: str | Path,
-    rows: Iterable[Mapping[str, Any]] | pa.Table,
-    fields: tuple[str, ...],
-    defaults: Mapping[str, Any],
-    check: Any,
-    id_field: str,
-) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seen: dict[str, int] = {}
-    count = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for n, row in enumerate(_rows(rows), start=1):
-            rec = {}
-            for k in fields:
-                if k in row and row[k] is not None:
-                    rec[k] = row[k]
-                elif k in defaults:
-                    rec[k] = defaults[k]
-                elif k in row:
-                    rec[k] = None
-            _raise_first(path, n, check(rec))
-            if rec[id_field] in seen:
-                raise MBEIRFormatError(
-                    path, n, id_field, f"duplicate id {rec[id_field]!r} (first at line {seen[rec[id_field]]})"
-                )
-            seen[rec[id_field]] = n
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            count = n
-    return count
-
-
-def write_queries(path: str | Path, rows: Iterable[Mapping[str, Any]] | pa.Table) -> int:
-    """Write query records (dicts or a read_queries table) as M-BEIR jsonl; validates; returns rows.
-
-    A missing or null `neg_cand_list` is written as [] and a missing `query_src_content` as null,
-    the shapes M-BEIR ships; the `line` column of a read table is dropped.
-    """
-    defaults = {"query_src_content": None, "neg_cand_list": []}
-    return _write_jsonl(path, rows, QUERY_FIELDS, defaults, check_query_record, "qid")
-
-
-def write_pool(path: str | Path, rows: Iterable[Mapping[str, Any]] | pa.Table) -> int:
-    """Write candidate records as M-BEIR pool jsonl; validates; returns rows."""
-    return _write_jsonl(path, rows, POOL_FIELDS, {"src_content": None}, check_pool_record, "did")
-
-
-def write_qrels(
-    path: str | Path,
-    qrels: Mapping[str, Iterable[str]] | Iterable[tuple[str, str, int]],
-    task_id: int | None = None,
-) -> int:
-    """Write `qid 0 did 1 task_id` lines, sorted; either {qid: dids} + task_id or (qid, did, task_id) triples."""
-    if isinstance(qrels, Mapping):
-        if task_id is None:
-            raise ValueError("write_qrels: task_id is required with a {qid: dids} mapping")
-        triples = [(q, d, int(task_id)) for q, ds in qrels.items() for d in ds]
-    else:
-        triples = [(q, d, int(t)) for q, d, t in qrels]
-    triples.sort(key=lambda x: (split_id(x[0]), split_id(x[1])))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for n, (q, d, t) in enumerate(triples, start=1):
-            line = f"{q} 0 {d} 1 {t}"
-            parsed = parse_qrels_line(line)
-            if len(parsed) == 2:
-                raise MBEIRFormatError(path, n, parsed[0], parsed[1])  # type: ignore[misc]
-            f.write(line + "\n")
-    return len(triples)
-
-
-def qrels_from_queries(rows: Iterable[Mapping[str, Any]] | pa.Table) -> list[tuple[str, str, int]]:
-    """(qid, did, task_id) for every positive of every query: the qrels M-BEIR ships beside a query file."""
-    return [(r["qid"], d, int(r["task_id"])) for r in _rows(rows) for d in r["pos_cand_list"]]
-
-
-def write_instructions(path: str | Path, rows: Instructions | Iterable[InstructionRow]) -> int:
-    """Write the instruction tsv with UniIR's header (prompt_1..prompt_4 columns); returns rows."""
-    rows = list(rows.rows if isinstance(rows, Instructions) else rows)
-    width = max([4, *(len(r.prompts) for r in rows)])
-    header = list(INSTRUCTION_HEADER[:4]) + [f"prompt_{i}" for i in range(1, width + 1)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(header) + "\n")
-        for n, r in enumerate(rows, start=2):
-            cells = [r.query_modality, r.cand_modality, r.dataset, str(r.dataset_id), *r.prompts]
-            if any(("\t" in c or "\n" in c) for c in cells):
-                raise MBEIRFormatError(path, n, "prompt_1", "tabs and newlines are not allowed in tsv cells")
-            parsed = parse_instruction_row(cells)
-            if isinstance(parsed, tuple):
-                raise MBEIRFormatError(path, n, parsed[0], parsed[1])
-            f.write("\t".join(cells + [""] * (width - len(r.prompts))) + "\n")
-    return len(rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 
 
 def qid_sort_key(qid: str) -> tuple[int, int, str]:
@@ -20,7 +20,7 @@ def qid_sort_key(qid: str) -> tuple[int, int, str]:
 
 def task_name(dataset_id: int, task_id: int) -> str:
     """M-BEIR task name as in MBEIR_TASKS ("mscoco_task0"); unknown datasets as "ds<id>_task<t>"."""
-    ds = mbeir.DATASET_NAMES.get(int(dataset_id))
+    ds = catalogue.DATASET_NAMES.get(int(dataset_id))
     return f"{ds.lower() if ds else f'ds{dataset_id}'}_task{int(task_id)}"
 
 
@@ -41,7 +41,7 @@ class QueryMeta:
 
     @property
     def target_modality(self) -> str:
-        return mbeir.task_modalities(self.task_id)[1]
+        return catalogue.task_modalities(self.task_id)[1]
 
 
 def read_query_meta(

@@ -1,10 +1,10 @@
 """Tasks and pools of any directory laid out like M-BEIR, found from its file names.
 
-M-BEIR names each task's files after its dataset and task id (RECIPE.md section 2):
+M-BEIR names each task's files after its dataset and task id (UniIR's M-BEIR layout):
 `query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl`, its local pool
 `cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl` and its qrels
 `qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt`. Every query file of that shape is a
-task here. The 16 M-BEIR tasks keep their `mbeir.MBEIR_TASKS` spec (label, R@5 / R@10 for the
+task here. The 16 M-BEIR tasks keep their `catalogue.MBEIR_TASKS` spec (label, R@5 / R@10 for the
 Fashion tasks, column order); any other task gets a label from its file name ("myphotos t->i"),
 R@5 unless the config says otherwise, and comes after the known ones, sorted by name.
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data import jsonl, mbeir
+from umarvel_ray.data import catalogue, jsonl, mbeir
 from umarvel_ray.io import write_if_changed
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,11 @@ def _first_dataset_id(path: Path) -> int:
     return -1
 
 
-def custom_task(dataset: str, task_id: int, dataset_id: int, k: int = 5, split: str = "test") -> mbeir.TaskSpec:
+def custom_task(dataset: str, task_id: int, dataset_id: int, k: int = 5, split: str = "test") -> catalogue.TaskSpec:
     """TaskSpec of a task that is not one of the 16: label "<dataset> <q>-><c>" from the file name."""
-    qm, cm = mbeir.task_modalities(task_id)
+    qm, cm = catalogue.task_modalities(task_id)
     q, p, r = task_paths(dataset, task_id, split)
-    return mbeir.TaskSpec(
+    return catalogue.TaskSpec(
         name=f"{dataset}_task{task_id}",
         dataset=dataset,
         dataset_id=dataset_id,
@@ -77,18 +77,18 @@ def custom_task(dataset: str, task_id: int, dataset_id: int, k: int = 5, split: 
 
 def discover_tasks(
     root: str | Path, split: str = "test", k: Mapping[str, int] | None = None
-) -> list[mbeir.TaskSpec]:
+) -> list[catalogue.TaskSpec]:
     """Every task whose query file exists under `root/query/<split>/`, known ones first.
 
     `k` overrides the metric of tasks that are not among the 16 ({name: k}); the 16 keep the
-    published metric (RECIPE.md section 2), so asking to change one raises ValueError, as does an
+    published metric (R@10 for the Fashion tasks, R@5 for the rest), so asking to change one raises ValueError, as does an
     override for a task that is not in the directory.
     """
     root = Path(root)
     k = dict(k or {})
     pattern = query_file_re(split)
-    known: dict[str, mbeir.TaskSpec] = {}
-    custom: dict[str, mbeir.TaskSpec] = {}
+    known: dict[str, catalogue.TaskSpec] = {}
+    custom: dict[str, catalogue.TaskSpec] = {}
     qdir = root / "query" / split
     for p in sorted(qdir.glob("mbeir_*.jsonl")) if qdir.is_dir() else []:
         m = pattern.fullmatch(p.name)
@@ -96,25 +96,25 @@ def discover_tasks(
             continue
         dataset, task_id = m.group("dataset"), int(m.group("task"))
         name = f"{dataset}_task{task_id}"
-        if split == "test" and name in mbeir.TASKS_BY_NAME:
-            known[name] = mbeir.TASKS_BY_NAME[name]
+        if split == "test" and name in catalogue.TASKS_BY_NAME:
+            known[name] = catalogue.TASKS_BY_NAME[name]
         else:
             custom[name] = custom_task(dataset, task_id, _first_dataset_id(p), k.get(name, 5), split)
-    fixed = sorted(set(k) & set(mbeir.TASKS_BY_NAME))
+    fixed = sorted(set(k) & set(catalogue.TASKS_BY_NAME))
     if fixed:
         raise ValueError(f"task_k: the M-BEIR tasks keep the published metric (R@5, R@10 for Fashion): {fixed}")
     unknown = sorted(set(k) - set(custom))
     if unknown:
         raise ValueError(f"task_k names task(s) not in {qdir}: {unknown}; found: {sorted(custom)}")
-    return [t for t in mbeir.MBEIR_TASKS if t.name in known] + [custom[n] for n in sorted(custom)]
+    return [t for t in catalogue.MBEIR_TASKS if t.name in known] + [custom[n] for n in sorted(custom)]
 
 
-def expected_tasks(found: Sequence[mbeir.TaskSpec]) -> list[mbeir.TaskSpec]:
+def expected_tasks(found: Sequence[catalogue.TaskSpec]) -> list[catalogue.TaskSpec]:
     """The tasks a report is measured against: all 16 M-BEIR tasks when the directory holds any of
     them (so a partial M-BEIR run says what is missing), then the directory's other tasks."""
     names = {t.name for t in found}
-    base = list(mbeir.MBEIR_TASKS) if (names & set(mbeir.TASKS_BY_NAME) or not found) else []
-    return base + [t for t in found if t.name not in mbeir.TASKS_BY_NAME]
+    base = list(catalogue.MBEIR_TASKS) if (names & set(catalogue.TASKS_BY_NAME) or not found) else []
+    return base + [t for t in found if t.name not in catalogue.TASKS_BY_NAME]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def merge_pools(files: Sequence[Path], out: Path) -> int:
         for n, obj, err in jsonl.iter_jsonl(f):
             if err is not None:
                 raise mbeir.MBEIRFormatError(f, n, "<json>", err)
-            mbeir._raise_first(f, n, mbeir.check_pool_record(obj))
+            mbeir.raise_first(f, n, mbeir.check_pool_record(obj))
             key = _record_key(obj)
             did = obj["did"]
             if did in seen:
@@ -155,7 +155,7 @@ def merge_pools(files: Sequence[Path], out: Path) -> int:
     return len(lines)
 
 
-def union_test_pool(root: Path, tasks: Iterable[mbeir.TaskSpec], out: Path) -> tuple[Path, list[Path]]:
+def union_test_pool(root: Path, tasks: Iterable[catalogue.TaskSpec], out: Path) -> tuple[Path, list[Path]]:
     """The global pool built from the local pools of `tasks` that exist: (file, its sources)."""
     files = [root / t.pool_file for t in tasks if (root / t.pool_file).is_file()]
     if not files:
@@ -192,8 +192,8 @@ def local_pool_files(root: str | Path) -> list[Path]:
 def upsample_factors(counts: Mapping[str, int], min_queries: int) -> dict[str, int]:
     """How many times each train file is repeated so that it has at least `min_queries` rows.
 
-    M-BEIR's `mbeir_union_up_train.jsonl` repeats the small datasets' training queries (RECIPE.md
-    section 2: "1.33M queries, small datasets up-sampled"; UniIR, Wei et al. 2023,
+    M-BEIR's `mbeir_union_up_train.jsonl` repeats the small datasets' training queries (1.33M
+    queries, the small datasets up-sampled; UniIR, Wei et al. 2023,
     arXiv:2311.17136). The published union file does not state the factors, so this rule is the
     project's: factor = ceil(min_queries / rows), at least 1; `min_queries=0` switches it off.
     """

@@ -6,6 +6,7 @@ per-record rules are the same functions the readers use (`mbeir.check_*`), and l
 decoded and parsed by the one line reader every job uses (`data.jsonl`), so a directory that
 validates also reads, with the same rows. Positives missing from a pool are counted per task but are not errors:
 the published M-BEIR files contain such ids and evaluation simply cannot retrieve them.
+What a validation returns (`Report`, `FileReport`, `Problem`) is `data.validation_report`.
 """
 
 from __future__ import annotations
@@ -16,112 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data import jsonl, mbeir
-
-DEFAULT_KEEP = 1000
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One located problem; str() gives the FILE:LINE: field 'NAME': message line."""
-
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return mbeir.format_issue(self.file, self.line, self.field, self.message)
-
-
-@dataclass
-class FileReport:
-    """Rows and problems of one file; `errors` counts all, `problems` keeps the first `keep`."""
-
-    path: str
-    kind: str  # "queries" | "pool" | "qrels" | "instructions" | "dir"
-    rows: int = 0
-    errors: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    keep: int = DEFAULT_KEEP
-
-    def add(self, line: int, field_name: str, message: str) -> None:
-        self.errors += 1
-        if len(self.problems) < self.keep:
-            self.problems.append(Problem(self.path, line, field_name, message))
-
-
-@dataclass
-class PositiveCheck:
-    """Positive ids of one query file that are absent from its pools (reported, not fatal)."""
-
-    name: str
-    query_file: str
-    queries: int = 0
-    positives: int = 0
-    local_pool: str | None = None
-    missing_local: int = 0
-    queries_missing_local: int = 0
-    union_pool: str | None = None
-    missing_union: int = 0
-    queries_missing_union: int = 0
-    qrels_file: str | None = None
-    qrels_mismatch: int = 0  # qids whose qrels positives differ from pos_cand_list
-
-    def line(self) -> str:
-        parts = [f"{self.name}: {self.queries} queries, {self.positives} positives"]
-        if self.local_pool is not None:
-            parts.append(
-                f"{self.missing_local} absent from local pool ({self.queries_missing_local} queries)"
-            )
-        if self.union_pool is not None:
-            parts.append(
-                f"{self.missing_union} absent from union pool ({self.queries_missing_union} queries)"
-            )
-        if self.qrels_file is not None:
-            parts.append(f"{self.qrels_mismatch} qids whose qrels differ from pos_cand_list")
-        return ", ".join(parts)
-
-
-@dataclass
-class Report:
-    """Everything validate_dir found; `ok` is False iff some file has errors."""
-
-    root: str
-    files: list[FileReport] = field(default_factory=list)
-    positives: list[PositiveCheck] = field(default_factory=list)
-
-    @property
-    def errors(self) -> int:
-        return sum(f.errors for f in self.files)
-
-    @property
-    def ok(self) -> bool:
-        return self.errors == 0
-
-    def problems(self) -> list[Problem]:
-        return [p for f in self.files for p in f.problems]
-
-    def format(self, max_errors: int = 50) -> str:
-        """Human summary: per-file rows/errors, the first `max_errors` problems, per-task positives."""
-        out = [f"M-BEIR directory {self.root}"]
-        width = max([len(f.path) for f in self.files] + [4])
-        out.append(f"{'file':<{width}}  {'kind':<12} {'rows':>9} {'errors':>7}")
-        for f in self.files:
-            out.append(f"{f.path:<{width}}  {f.kind:<12} {f.rows:>9} {f.errors:>7}")
-        if self.positives:
-            out.append("positives absent from pools (not fatal):")
-            out.extend("  " + p.line() for p in self.positives)
-        probs = self.problems()
-        if probs:
-            out.append(f"{self.errors} error(s):")
-            out.extend(str(p) for p in probs[:max_errors])
-            hidden = self.errors - min(len(probs), max_errors)
-            if hidden > 0:
-                out.append(f"... and {hidden} more error(s)")
-        out.append("OK" if self.ok else f"FAILED: {self.errors} error(s)")
-        return "\n".join(out)
-
+from umarvel_ray.data import catalogue, instructions, jsonl, mbeir
+from umarvel_ray.data.validation_report import DEFAULT_KEEP, FileReport, PositiveCheck, Report
 
 # ----------------------------------------------------------------------------------------------
 # Single files
@@ -216,7 +113,7 @@ def validate_query_file(
                 scan.positives[qid] = frozenset(pos)
             if scan is not None and not bad & {"qid", "task_id", "query_modality"}:
                 ds = mbeir.split_id(qid)[0]
-                key = (ds, obj["query_modality"], mbeir.task_modalities(obj["task_id"])[1])
+                key = (ds, obj["query_modality"], catalogue.task_modalities(obj["task_id"])[1])
                 scan.instruction_keys.setdefault(key, n)
     except (OSError, UnicodeDecodeError) as e:
         rep.add(0, "<file>", f"cannot read: {e}")
@@ -271,7 +168,7 @@ def validate_instructions_file(
     rep = FileReport(str(path), "instructions", keep=keep)
     keys: dict[tuple[int, str, str], int] = {}
     try:
-        with open(path, encoding=mbeir.TSV_ENCODING, newline="") as f:
+        with open(path, encoding=instructions.TSV_ENCODING, newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = next(reader, None)
             names = [h.strip() for h in header] if header else []
@@ -287,7 +184,7 @@ def validate_instructions_file(
                 if not any(c.strip() for c in cells):
                     continue
                 rep.rows += 1
-                parsed = mbeir.parse_instruction_row(cells)
+                parsed = instructions.parse_instruction_row(cells)
                 if isinstance(parsed, tuple):
                     rep.add(n, parsed[0], parsed[1])
                     continue
@@ -328,24 +225,42 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
     root = Path(root)
     report = Report(str(root))
     if not root.is_dir():
-        dr = FileReport(str(root), "dir", keep=keep)
-        dr.add(0, "<dir>", "not a directory")
-        report.files.append(dr)
-        return report
+        return _dir_problem(report, root, "not a directory", keep)
     pools = _sorted_rel(root, ["cand_pool/**/*.jsonl"])
     queries = _sorted_rel(root, ["query/*/*.jsonl"])
     qrels_files = _sorted_rel(root, ["qrels/*/*.txt"])
     instr_files = _sorted_rel(root, ["instructions/*.tsv"])
     if not (pools or queries or qrels_files or instr_files):
-        dr = FileReport(str(root), "dir", keep=keep)
-        dr.add(
-            0,
-            "<dir>",
+        return _dir_problem(
+            report,
+            root,
             "no M-BEIR files (query/*/*.jsonl, cand_pool/**/*.jsonl, qrels/*/*.txt, instructions/*.tsv)",
+            keep,
         )
-        report.files.append(dr)
-        return report
+    instr = _check_instruction_files(root, instr_files, report, keep)
+    pool_ids = _check_pool_files(root, pools, report, check_images, keep)
+    tasks = _known_tasks(root)
+    scans, checks = _check_query_files(
+        root, queries, qrels_files, pool_ids, instr, tasks, report, check_images, keep
+    )
+    _check_qrels_files(root, qrels_files, tasks, scans, checks, report, keep)
+    return report
 
+
+def _dir_problem(report: Report, root: Path, message: str, keep: int) -> Report:
+    """The report of a directory that cannot be validated at all: one `<dir>` problem, no files."""
+    dr = FileReport(str(root), "dir", keep=keep)
+    dr.add(0, "<dir>", message)
+    report.files.append(dr)
+    return report
+
+
+_InstructionKeys = tuple[set[tuple[int, str, str]] | None, str | None]
+
+
+def _check_instruction_files(root: Path, instr_files: list[str], report: Report, keep: int) -> _InstructionKeys:
+    """Validate every instruction tsv; queries are checked against the standard one (else the
+    first found): (its (dataset_id, query modality, cand modality) keys, its path), or Nones."""
     instr_keys: set[tuple[int, str, str]] | None = None
     instr_path: str | None = None
     for rel in instr_files:
@@ -353,20 +268,43 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
         report.files.append(rep)
         if rel == mbeir.INSTRUCTIONS_FILE or instr_keys is None:
             instr_keys, instr_path = keys, rel
+    return instr_keys, instr_path
 
+
+def _check_pool_files(
+    root: Path, pools: list[str], report: Report, check_images: bool, keep: int
+) -> dict[str, set[str]]:
+    """Validate every pool; their dids by path, for the positive checks of the query files."""
     pool_ids: dict[str, set[str]] = {}
     for rel in pools:
         rep, ids = validate_pool_file(root / rel, root=root, check_images=check_images, keep=keep)
         report.files.append(rep)
         pool_ids[rel] = ids
+    return pool_ids
 
-    # Tasks from the file names (the 16 M-BEIR ones and any other mbeir_<dataset>_task<N> files).
+
+def _known_tasks(root: Path) -> list[catalogue.TaskSpec]:
+    """Tasks from the file names: the 16 M-BEIR ones and any other mbeir_<dataset>_task<N> files
+    (their local pool and the task id their qrels must carry)."""
     from umarvel_ray.data.tasks import discover_tasks
 
-    found = [*mbeir.MBEIR_TASKS, *discover_tasks(root, "test"), *discover_tasks(root, "train")]
-    task_by_query = {t.query_file: t for t in found}
-    task_by_qrels = {t.qrels_file: t for t in found}
-    query_reports: dict[str, FileReport] = {}
+    return [*catalogue.MBEIR_TASKS, *discover_tasks(root, "test"), *discover_tasks(root, "train")]
+
+
+def _check_query_files(
+    root: Path,
+    queries: list[str],
+    qrels_files: list[str],
+    pool_ids: dict[str, set[str]],
+    instr: _InstructionKeys,
+    tasks: list[catalogue.TaskSpec],
+    report: Report,
+    check_images: bool,
+    keep: int,
+) -> tuple[dict[str, _QueryScan], dict[str, PositiveCheck]]:
+    """Validate every query file, count its positives absent from its local and union pools, and
+    flag queries with no instruction; the scans and checks by path, for the qrels cross-check."""
+    task_by_query = {t.query_file: t for t in tasks}
     scans: dict[str, _QueryScan] = {}
     checks: dict[str, PositiveCheck] = {}
     for rel in queries:
@@ -396,18 +334,39 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
         if not check.qrels_file:
             scan.positives.clear()
         report.files.append(rep)
-        query_reports[rel], scans[rel], checks[rel] = rep, scan, check
+        scans[rel], checks[rel] = scan, check
         report.positives.append(check)
-        if instr_keys is not None:
-            for key, line in sorted(scan.instruction_keys.items(), key=lambda kv: kv[1]):
-                if key not in instr_keys:
-                    ds, qm, cm = key
-                    rep.add(
-                        line,
-                        "query_modality",
-                        f"no instruction for dataset_id={ds}, {qm} -> {cm} in {instr_path}",
-                    )
+        _flag_missing_instructions(rep, scan, instr)
+    return scans, checks
 
+
+def _flag_missing_instructions(rep: FileReport, scan: _QueryScan, instr: _InstructionKeys) -> None:
+    """One error per instruction key a query file needs and the tsv lacks, at its first query."""
+    instr_keys, instr_path = instr
+    if instr_keys is None:
+        return
+    for key, line in sorted(scan.instruction_keys.items(), key=lambda kv: kv[1]):
+        if key not in instr_keys:
+            ds, qm, cm = key
+            rep.add(
+                line,
+                "query_modality",
+                f"no instruction for dataset_id={ds}, {qm} -> {cm} in {instr_path}",
+            )
+
+
+def _check_qrels_files(
+    root: Path,
+    qrels_files: list[str],
+    tasks: list[catalogue.TaskSpec],
+    scans: dict[str, _QueryScan],
+    checks: dict[str, PositiveCheck],
+    report: Report,
+    keep: int,
+) -> None:
+    """Validate every qrels file (task id from its name when known) and count, per query file,
+    the qids whose qrels positives differ from its pos_cand_list."""
+    task_by_qrels = {t.qrels_file: t for t in tasks}
     by_qrels = {c.qrels_file: rel for rel, c in checks.items() if c.qrels_file}
     for rel in qrels_files:
         task = task_by_qrels.get(rel)
@@ -422,4 +381,3 @@ def validate_dir(root: str | Path, check_images: bool = False, keep: int = DEFAU
             checks[qrel_query].qrels_mismatch = sum(
                 1 for q in qids if positives.get(q, frozenset()) != frozenset(qrels.get(q, ()))
             )
-    return report

@@ -146,7 +146,7 @@ def validate_config(cfg: EmbedConfig) -> ResolvedConfig:
         raise ConfigError(f"collate_in must be tasks or actor, got {cfg.collate_in!r}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    from umarvel_ray.data.mbeir import TEXT_RULES
+    from umarvel_ray.data.model_items import TEXT_RULES
 
     if cfg.text_rule not in TEXT_RULES:
         raise ConfigError(f"text_rule must be one of {TEXT_RULES}, got {cfg.text_rule!r}")
@@ -155,7 +155,7 @@ def validate_config(cfg: EmbedConfig) -> ResolvedConfig:
         instructions = _resolve(data_root, cfg.instructions)
         if not instructions.is_file():
             raise ConfigError(f"instructions file not found: {instructions}")
-        from umarvel_ray.data.mbeir import read_instructions
+        from umarvel_ray.data.instructions import read_instructions
 
         n_prompts = min(len(r.prompts) for r in read_instructions(instructions).rows)
         if cfg.prompt_index is not None and not 0 <= cfg.prompt_index < n_prompts:

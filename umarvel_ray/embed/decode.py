@@ -145,7 +145,7 @@ def chunk_records(shards: list[ShardSpec]) -> list[dict[str, int]]:
 
 @lru_cache(maxsize=4)
 def _instructions(path: str) -> Any:
-    from umarvel_ray.data.mbeir import read_instructions
+    from umarvel_ray.data.instructions import read_instructions
 
     return read_instructions(path)
 
@@ -183,13 +183,13 @@ def parse_row(
     """One input line (content bytes, no line end) -> (id, item with a decoded image or None, modality).
 
     The line is decoded and parsed by `data.jsonl.parse_json`; texts follow `text_rule`
-    (`mbeir.TEXT_RULES`: UniIR's format_string, or none).
+    (`model_items.TEXT_RULES`: UniIR's format_string, or none).
 
     Raises `RowReject` for a malformed line, an empty item, any record problem the data layer's
     `check_pool_record` / `check_query_record` reports (bad id, unknown modality, modality that
     disagrees with the record, ...), a missing instruction, or a missing / corrupt image.
     """
-    from umarvel_ray.data import mbeir
+    from umarvel_ray.data import mbeir, model_items
     from umarvel_ray.data.images import ImageDecodeError, load_image
     from umarvel_ray.data.jsonl import parse_json
 
@@ -210,11 +210,11 @@ def parse_row(
         if kind == "query":
             instructions = _instructions(instructions_path)
             if prompt_index is not None:
-                item = mbeir.query_item(row, instructions, prompt_index=prompt_index, text_rule=text_rule)
+                item = model_items.query_item(row, instructions, prompt_index=prompt_index, text_rule=text_rule)
             else:
-                item = mbeir.query_item(row, instructions, rng=query_rng(seed, rid), text_rule=text_rule)
+                item = model_items.query_item(row, instructions, rng=query_rng(seed, rid), text_rule=text_rule)
         else:
-            item = mbeir.candidate_item(row, text_rule=text_rule)
+            item = model_items.candidate_item(row, text_rule=text_rule)
     except (KeyError, IndexError, ValueError) as exc:
         raise RowReject("instruction" if kind == "query" else "<record>", str(exc).strip("'\"")) from None
     if item["text"] is None and not item.get("image"):

@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data.mbeir import (
-    GLOBAL_POOL_FILE,
-    MBEIR_TASKS,
-    TEXT_RULES,
-    TaskSpec,
-    read_pool,
-    read_queries,
-)
+from umarvel_ray.data.catalogue import MBEIR_TASKS, TaskSpec
+from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_pool, read_queries
+from umarvel_ray.data.model_items import TEXT_RULES
 from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.report import POOLS

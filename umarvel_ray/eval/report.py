@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data.mbeir import MBEIR_TASKS, TaskSpec
+from umarvel_ray.data.catalogue import MBEIR_TASKS, TaskSpec
 from umarvel_ray.eval.metrics import RetrievalMetrics, Run, macro_average
 from umarvel_ray.index.base import PAD_ID
 from umarvel_ray.io import atomic_write_lines, atomic_write_text

@@ -29,7 +29,7 @@ try:
 except ImportError as e:  # pragma: no cover - ray[serve] brings fastapi
     raise ImportError("serving needs Ray Serve with FastAPI: pip install 'ray[serve]==2.60.0'") from e
 
-from umarvel_ray.data.mbeir import apply_text_rule
+from umarvel_ray.data.model_items import apply_text_rule
 from umarvel_ray.serve import schemas
 from umarvel_ray.serve.config import Limits
 from umarvel_ray.serve.decode import check_text, model_item

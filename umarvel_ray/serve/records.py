@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from umarvel_ray.data.images import load_image
-from umarvel_ray.data.mbeir import apply_text_rule, read_pool
+from umarvel_ray.data.mbeir import read_pool
+from umarvel_ray.data.model_items import apply_text_rule
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 

@@ -44,7 +44,7 @@ def find_index(index_dir: str) -> Path:
 
 def resolve_sources(cfg: ServeConfig) -> Sources:
     """Check the config against the files on disk; raise ConfigError naming the missing piece."""
-    from umarvel_ray.data.mbeir import TEXT_RULES
+    from umarvel_ray.data.model_items import TEXT_RULES
     from umarvel_ray.model.saved import saved_embedder_config, saved_pixel_budget, saved_reranker_config
 
     require_absolute(cfg)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue
 from umarvel_ray.embed.train_pool import StepResult, TrainPoolInputs, check_train_pool_inputs
 from umarvel_ray.index.options import SearchOptions
 
@@ -82,7 +82,7 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         raise ConfigError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    known = {t.name for t in mbeir.MBEIR_TASKS}
+    known = {t.name for t in catalogue.MBEIR_TASKS}
     unknown = sorted(set(cfg.task_weights) - known)
     if unknown:
         log.warning("task_weights names no M-BEIR evaluation task: %s", unknown)

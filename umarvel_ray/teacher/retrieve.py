@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.data import mbeir
+from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key
 
 log = logging.getLogger("umarvel_ray.teacher")
@@ -34,7 +34,7 @@ def local_pool_mask(
     did_dataset_ids: np.ndarray, modalities: np.ndarray, dataset_id: int, task_id: int
 ) -> np.ndarray:
     """Rows of the union train pool that form a task's local pool (same dataset, task's cand modality)."""
-    cand_modality = mbeir.task_modalities(task_id)[1]
+    cand_modality = catalogue.task_modalities(task_id)[1]
     return (did_dataset_ids == int(dataset_id)) & (modalities == cand_modality)
 
 

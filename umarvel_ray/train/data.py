@@ -105,7 +105,7 @@ class _Pool:
         self._img = self.table.column("img_path")
 
     def item(self, did: str) -> Item:
-        from umarvel_ray.data.mbeir import candidate_item
+        from umarvel_ray.data.model_items import candidate_item
 
         try:
             i = self.index[did]
@@ -160,7 +160,7 @@ class MBEIRTrain:
         limit: int = 0,
         upsample_min: int = 0,
     ) -> None:
-        from umarvel_ray.data.mbeir import read_instructions
+        from umarvel_ray.data.instructions import read_instructions
 
         self.queries = read_query_files(queries_path, upsample_min)
         if limit:
@@ -190,7 +190,7 @@ class MBEIRTrain:
         return len(self.queries)
 
     def example(self, index: int, epoch: int) -> Example:
-        from umarvel_ray.data.mbeir import query_item
+        from umarvel_ray.data.model_items import query_item
 
         q = self.queries[index]
         rng = _rng(self.seed, epoch, q["qid"] + (f"#{q['copy']}" if q.get("copy") else ""))
@@ -220,7 +220,7 @@ class DistillTeacher:
         num_candidates: int,
         limit: int = 0,
     ) -> None:
-        from umarvel_ray.data.mbeir import read_instructions
+        from umarvel_ray.data.instructions import read_instructions
 
         queries = {q["qid"]: q for q in read_query_files(queries_path)}
         self.rows = []
@@ -244,7 +244,7 @@ class DistillTeacher:
         return len(self.rows)
 
     def example(self, index: int, epoch: int) -> Example:
-        from umarvel_ray.data.mbeir import query_item
+        from umarvel_ray.data.model_items import query_item
 
         q, cands, scores = self.rows[index]
         rng = _rng(self.seed, epoch, q["qid"])
