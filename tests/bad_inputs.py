@@ -1,6 +1,7 @@
 """Small M-BEIR trees that real users' files look like, each breaking one assumption.
 
-A copy of ../shared/cases/make_bad_inputs.py kept in the suite so it is self-contained:
+The bad-input cases a reviewer handed the project (broken ids, line ends, encodings, images), kept in
+the suite so it is self-contained:
 `make_cases(OUT_DIR)` writes OUT_DIR/<case>/ M-BEIR trees (needs Pillow).
 
 base/        a valid tree: MSCOCO-style task0 (text -> image) and task3 (image -> text), 3 queries

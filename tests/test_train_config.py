@@ -22,7 +22,7 @@ from umarvel_ray.train.engine import deepspeed_config, lr_lambda, zero_template
 
 REPO = Path(__file__).resolve().parents[1]
 
-# RECIPE.md section 3 table: (LoRA r, alpha, LR, per-device batch, epochs, objective, tau learned)
+# docs/RECIPE.md section 3 table: (LoRA r, alpha, LR, per-device batch, epochs, objective, tau learned)
 RECIPE = {
     "stage1": (64, 128, 2e-4, 72, 2, "infonce", False),
     "stage2": (128, 256, 1e-4, 60, 1, "symmetric", False),

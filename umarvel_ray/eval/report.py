@@ -1,7 +1,7 @@
 """Evaluation outputs: TREC run files, one JSON with every number, and the 16-task markdown table.
 
 Results are passed around as `{task_name: {"local": RetrievalMetrics, "global": RetrievalMetrics}}`
-(either pool may be absent). The table follows MBEIR_TASKS (RECIPE.md section 2 column order) and
+(either pool may be absent). The table follows MBEIR_TASKS (docs/RECIPE.md section 2 column order) and
 reports the hit rate at each task's k (R@5, or R@10 for Fashion200K / FashionIQ) in percent.
 Tasks of a directory's own (`data.tasks.discover_tasks`) come after the 16, at their own k.
 Averages are the unweighted mean over tasks; with fewer than 16 tasks present the label says how
