@@ -7,6 +7,7 @@ The real `ShardCommitter` is fed result batches shaped exactly like the model st
 
 from __future__ import annotations
 
+import gc
 import json
 import tracemalloc
 from pathlib import Path
@@ -127,6 +128,7 @@ def test_hash_collisions_never_reject_distinct_ids(tmp_path, monkeypatch):
 def _retained_bytes(out: Path, shards: int, rows: int) -> int:
     """Traced memory still held after committing `shards` x `rows` unique ids (batches freed)."""
     specs = [_spec(s, 1 + s * rows, rows) for s in range(shards)]
+    gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -134,6 +136,9 @@ def _retained_bytes(out: Path, shards: int, rows: int) -> int:
         for s in range(shards):
             lines = list(range(1 + s * rows, 1 + (s + 1) * rows))
             c.add(_batch(s, lines, [int_to_did(90_000_000 + ln) for ln in lines]))
+        # Retained means reachable: cyclic garbage the collector has not reached yet (how much
+        # depends on what earlier tests left behind) is not the committer's.
+        gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
