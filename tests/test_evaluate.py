@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from umarvel_ray.data.catalogue import MBEIR_TASKS, TASKS_BY_NAME
-from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_qrels
+from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_dids, read_qids, read_qrels
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.embeddings import (
     EmbeddingSet,
@@ -25,7 +25,7 @@ from umarvel_ray.eval.embeddings import (
     tasks_needing_local_embedding,
 )
 from umarvel_ray.eval.evaluate import evaluate_stage, run_evaluation
-from umarvel_ray.eval.plan import EvalConfig, TaskPlan, plan_tasks, read_dids, read_qids
+from umarvel_ray.eval.plan import EvalConfig, TaskPlan, plan_tasks
 from umarvel_ray.eval.report import read_trec_run, run_path
 from umarvel_ray.index import load_index
 from umarvel_ray.store import shard_name, write_manifest, write_shard

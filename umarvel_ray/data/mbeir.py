@@ -394,6 +394,16 @@ def _slices(table: pa.Table, blocks: int | None) -> list[pa.Table]:
     return [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
 
 
+def read_qids(path: str | Path) -> list[str]:
+    """Query ids of a query jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
+    return read_queries(path, validate=True).column("qid").to_pylist()
+
+
+def read_dids(path: str | Path) -> list[str]:
+    """Candidate ids of a pool jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
+    return read_pool(path, validate=True).column("did").to_pylist()
+
+
 def read_queries_dataset(
     path: str | Path, validate: bool = True, blocks: int | None = None
 ) -> ray.data.Dataset:

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from umarvel_ray.data.mbeir import iter_jsonl
+from umarvel_ray.data.mbeir import iter_jsonl, read_dids
 from umarvel_ray.embed.commit import REJECTS_NAME
-from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan, read_dids, resolve_under
+from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan, resolve_under
 from umarvel_ray.io import write_if_changed
 
 log = logging.getLogger("umarvel_ray.eval")

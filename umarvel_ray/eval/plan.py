@@ -20,7 +20,7 @@ from typing import Any
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data.catalogue import MBEIR_TASKS, TaskSpec
-from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_pool, read_queries
+from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_qids
 from umarvel_ray.data.model_items import TEXT_RULES
 from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
 from umarvel_ray.embed.config import EmbedConfig
@@ -169,16 +169,6 @@ def require_valid(reports: Sequence[Any], max_lines: int = 20) -> None:
         + "\n".join(problems)
         + more
     )
-
-
-def read_qids(path: Path) -> list[str]:
-    """Query ids of a query jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
-    return read_queries(path, validate=True).column("qid").to_pylist()
-
-
-def read_dids(path: Path) -> list[str]:
-    """Candidate ids of a pool jsonl in file order; a bad record raises MBEIRFormatError (FILE:LINE)."""
-    return read_pool(path, validate=True).column("did").to_pylist()
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -364,6 +354,4 @@ __all__ = [
     "plan_indexes",
     "plan_tasks",
     "pool_sizes",
-    "read_dids",
-    "read_qids",
 ]

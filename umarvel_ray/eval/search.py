@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from umarvel_ray.data.mbeir import read_qrels
+from umarvel_ray.data.mbeir import read_dids, read_qrels
 from umarvel_ray.eval.embeddings import EmbeddingSet
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, run_from_search
-from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan, read_dids
+from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan
 from umarvel_ray.eval.report import run_path, write_trec_run
 from umarvel_ray.io import atomic_write_json, read_json_or_none
 from umarvel_ray.store import PoolEmbeddings, manifest_digest

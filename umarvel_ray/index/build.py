@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from umarvel_ray.config import ConfigError
 from umarvel_ray.index.base import SearchIndex
-from umarvel_ray.index.factory import min_train_vectors
+from umarvel_ray.index.factory import RULE, min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
 from umarvel_ray.index.ids import check_unique
-from umarvel_ray.index.search import new_index, pool_factory, train_sample_positions
+from umarvel_ray.index.search import build_index, new_index, pool_factory, train_sample_positions
 from umarvel_ray.progress import Progress, summary
 from umarvel_ray.store import (
     Embeddings,
@@ -171,3 +175,66 @@ def build_index_from_embeddings(
         seconds=round(prog.elapsed(), 2),
     )
     return index
+
+
+@dataclass
+class BuildIndexConfig:
+    """Settings of `jobs/build_index.py`."""
+
+    embeddings: str = field(default="", metadata={"path": "cwd", "help": "embedding directory (part-*.parquet)"})
+    output: str = field(default="", metadata={"path": "cwd", "help": "index base path (<output>.faiss, .meta.json, ...)"})
+    factory: str = field(
+        default="Flat", metadata={"help": f"faiss factory string; Flat = exact. Pool-size rule: {RULE}"}
+    )
+    fp16: bool = field(default=False, metadata={"help": "fp16 vector storage"})
+    backend: str = field(default="auto", metadata={"help": "auto | faiss | torch"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    nprobe: int | None = field(default=None, metadata={"help": "IVF nprobe saved with the index"})
+    train_rows: int = field(default=100_000, metadata={"help": "training sample for IVF/PQ factories"})
+    seed: int = field(default=0, metadata={"help": "seed of the training sample"})
+    subset_pool: str | None = field(
+        default=None, metadata={"path": "cwd", "help": "pool jsonl: index only the ids it lists (all must be present)"}
+    )
+
+
+def check_build_config(cfg: BuildIndexConfig) -> None:
+    """ConfigError (the job exits 2 before any work) for missing or absent inputs."""
+    if not cfg.embeddings or not cfg.output:
+        raise ConfigError("embeddings=... and output=... are required")
+    if not Path(cfg.embeddings).is_dir():
+        raise ConfigError(f"embedding directory not found: {cfg.embeddings}")
+    if cfg.subset_pool and not Path(cfg.subset_pool).is_file():
+        raise ConfigError(f"subset_pool file not found: {cfg.subset_pool}")
+
+
+def run_build_index(cfg: BuildIndexConfig) -> str:
+    """Build the index `cfg` describes, save it (and the resolved config beside it); returns the
+    SUMMARY line. Raises ValueError when `subset_pool` lists ids the embeddings do not hold."""
+    from umarvel_ray.config import save_config
+    from umarvel_ray.data.mbeir import read_dids
+    from umarvel_ray.store import PoolEmbeddings
+
+    t0 = time.perf_counter()
+    opts = dict(
+        factory=cfg.factory, fp16=cfg.fp16, device=cfg.device, backend=cfg.backend, nprobe=cfg.nprobe,
+        train_rows=cfg.train_rows, seed=cfg.seed,
+    )  # fmt: skip
+    if cfg.subset_pool:
+        wanted = read_dids(Path(cfg.subset_pool))
+        ids, vectors = PoolEmbeddings(Path(cfg.embeddings)).subset(wanted)
+        if len(ids) != len(wanted):
+            raise ValueError(f"{len(wanted) - len(ids)} ids of {cfg.subset_pool} are not in {cfg.embeddings}")
+        index = build_index(vectors, ids, **opts)
+    else:
+        index = build_index_from_embeddings(cfg.embeddings, **opts)
+    out = index.save(cfg.output)
+    save_config(cfg, out.parent, name=f"{out.name}.config.yaml")
+    return summary(
+        "build_index",
+        rows=len(index),
+        dim=index.dim,
+        backend=index.backend,
+        factory=getattr(index, "factory", ""),
+        output=str(out),
+        seconds=f"{time.perf_counter() - t0:.1f}",
+    )
