@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 
 from umarvel_ray.cli import run_job
-from umarvel_ray.data.importer import ImportConfig, ImportResult, run_import
+from umarvel_ray.data.import_config import ImportConfig
+from umarvel_ray.data.importer import ImportResult, run_import
 from umarvel_ray.progress import summary
 
 

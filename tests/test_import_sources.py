@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from umarvel_ray.data import instructions, mbeir
-from umarvel_ray.data.importer import DEFAULT_PROMPTS, ImportConfig, hashed_split, run_import
+from umarvel_ray.data.import_config import ImportConfig
+from umarvel_ray.data.importer import DEFAULT_PROMPTS, hashed_split, run_import
 from umarvel_ray.data.tasks import discover_tasks
 from umarvel_ray.data.validate import validate_dir
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import catalogue, mbeir, model_items
-from umarvel_ray.data.importer import ImportConfig, run_import
+from umarvel_ray.data.import_config import ImportConfig
+from umarvel_ray.data.importer import run_import
 from umarvel_ray.data.instructions import read_instructions
 from umarvel_ray.data.tasks import discover_tasks, merge_pools, resolve_train_inputs
 from umarvel_ray.data.validate import validate_dir

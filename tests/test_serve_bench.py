@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from umarvel_ray.serve.bench import BenchSettings, app_args, autoscale_args
+from umarvel_ray.serve.bench import app_args, autoscale_args
 from umarvel_ray.serve.bench_report import (
     best_ratio,
     percentile,
@@ -19,6 +19,7 @@ from umarvel_ray.serve.bench_report import (
     summarize,
     table,
 )
+from umarvel_ray.serve.bench_settings import BenchSettings
 
 
 def test_percentile_is_nearest_rank():

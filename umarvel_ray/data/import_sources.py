@@ -13,13 +13,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.data import jsonl, mbeir
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from umarvel_ray.data.importer import ImportConfig
+from umarvel_ray.data.import_config import ImportConfig
 
 SPLITS = ("train", "test")
 

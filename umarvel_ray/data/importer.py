@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, option, require_absolute
+from umarvel_ray.config import ConfigError, require_absolute
 from umarvel_ray.data import catalogue, instructions, mbeir, writers
+from umarvel_ray.data.import_config import FORMATS, ImportConfig
 from umarvel_ray.data.import_sources import (
     SPLITS,
     Row,
@@ -56,7 +57,6 @@ from umarvel_ray.data.import_sources import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "table", "coco", "hf")
 REPORT_FILE = "import_report.json"
 IMAGE_DIR = "mbeir_images"
 DEFAULT_PROMPTS = {
@@ -65,27 +65,6 @@ DEFAULT_PROMPTS = {
     4: ("Find another image of the same item as the given image.", "Retrieve a matching image of this item."),
 }
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
-
-
-@dataclass
-class ImportConfig:
-    """`jobs/import_data.py` settings."""
-
-    out_dir: str = option("", "the M-BEIR-layout directory to write (must be empty or absent)", path="cwd")
-    source: str = option("", "captions table (.csv/.jsonl/.parquet), COCO caption json, or a saved HF dataset dir", path="cwd")
-    images: str = option("", "folder the table's / COCO json's image paths are relative to", path="cwd")
-    format: str = option("auto", "auto (by file suffix / directory) | table | coco | hf")
-    name: str = option("mydata", "dataset name in the file names (lower-case letters, digits, _ and -)")
-    dataset_id: int = option(20, "dataset id in every qid/did (M-BEIR uses 0-9; pick 10 or more)")
-    image_column: str = option("image", "table / HF column holding the image (path; HF: image)")
-    caption_column: str = option("caption", "table / HF column holding the caption (HF: str or list)")
-    split_column: str = option("split", "optional column with train/test; absent = hashed split by item")
-    id_column: str = option("id", "optional column naming the item (several images of one item)")
-    test_fraction: float = option(0.2, "share of items in test when there is no split column")
-    seed: int = option(0, "seed of the hashed split")
-    tasks: list[int] = option([0, 3, 4], "task ids to write: 0 text->image, 3 image->text, 4 image->image")
-    missing_images: str = option("skip", "skip (reject the row, counted with FILE:LINE) | error (stop)")
-    overwrite: bool = option(False, "replace an existing non-empty out_dir")
 
 
 @dataclass

@@ -174,7 +174,8 @@ def model_pixel_budget(model_dir: Path, adapter: str | None = None) -> tuple[int
     Same precedence as `Embedder.load`: the adapter's umarvel_embedder.json, else the model's, else
     the `InputConfig` defaults.
     """
-    from umarvel_ray.model.saved import saved_embedder_config, saved_pixel_budget
+    from umarvel_ray.model.embedder import saved_embedder_config
+    from umarvel_ray.model.saved import saved_pixel_budget
 
     return saved_pixel_budget(saved_embedder_config(model_dir, adapter))
 

@@ -237,8 +237,8 @@ def parse_row(
 def load_collator(model: str, adapter: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """The embedder's `Collator` (tokenizer + image processor, added tokens) without its weights."""
     from umarvel_ray.model.backbone import load_processor
+    from umarvel_ray.model.embedder import saved_embedder_config
     from umarvel_ray.model.inputs import Collator, ensure_added_tokens
-    from umarvel_ray.model.saved import saved_embedder_config
 
     cfg = saved_embedder_config(model, adapter, overrides)
     processor = load_processor(cfg.model)

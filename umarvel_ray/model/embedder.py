@@ -24,7 +24,7 @@ from torch import nn
 
 from umarvel_ray.model.inputs import EMB_TOKEN, Collator, InputConfig, attention_bias, ensure_added_tokens
 from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
-from umarvel_ray.model.saved import EMBEDDER_META_FILE, read_saved_meta, saved_embedder_config
+from umarvel_ray.model.saved import EMBEDDER_META_FILE, read_saved_meta, saved_config
 
 META_FILE = EMBEDDER_META_FILE
 # LoRA targets: every Linear of the language model's decoder layers, nothing in `visual`.
@@ -81,6 +81,14 @@ def set_activation_checkpointing(model: Any, enabled: bool) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def saved_embedder_config(
+    model: str | Path, adapter: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> EmbedderConfig:
+    """The `EmbedderConfig` that `Embedder.load(model, adapter, cfg_overrides=overrides)` resolves,
+    read without loading weights (`model.saved.saved_config`)."""
+    return saved_config(EmbedderConfig, META_FILE, model, adapter, overrides)
 
 
 class Embedder(nn.Module):

@@ -24,7 +24,7 @@ from torch import nn
 from umarvel_ray.model.embedder import LM_LORA_TARGETS, LoraConfig, set_activation_checkpointing
 from umarvel_ray.model.inputs import Collator, InputConfig, _clean, attention_bias, pad_rendered
 from umarvel_ray.model.pixels import model_pixel_values, use_frame_patch_embed
-from umarvel_ray.model.saved import RERANKER_META_FILE, saved_reranker_config
+from umarvel_ray.model.saved import RERANKER_META_FILE, saved_config
 
 META_FILE = RERANKER_META_FILE
 JUDGES: dict[str, dict[str, str]] = {
@@ -159,6 +159,14 @@ def single_token_id(tokenizer: Any, word: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"answer word {word!r} is not a single token in this tokenizer: {ids}")
     return int(ids[0])
+
+
+def saved_reranker_config(
+    model: str | Path, adapter: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> RerankerConfig:
+    """The `RerankerConfig` that `Reranker.load(model, adapter, cfg_overrides=overrides)` resolves,
+    read without loading weights."""
+    return saved_config(RerankerConfig, META_FILE, model, adapter, overrides)
 
 
 class Reranker(nn.Module):

@@ -2,7 +2,8 @@
 
 `Embedder.save_*` / `Reranker.save_*` write the file beside the weights (or the LoRA adapter):
 {"config": <EmbedderConfig or RerankerConfig as a dict>, "tau": float, "dim": int, ...}.
-Everything that needs a model's settings without loading its weights (pixel budgets for the decode
+Everything that needs a model's settings without loading its weights (`embedder.saved_embedder_config`,
+`reranker.saved_reranker_config`) (pixel budgets for the decode
 tasks, the embedding fingerprint, a training stage that continues from a model) asks here, with
 the precedence `Embedder.load` uses: the adapter's file, else the model directory's, else defaults.
 """
@@ -41,34 +42,18 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | list[str] 
     return apply_overrides(base, list(overrides))
 
 
-def _saved_config(
-    config_cls: type, meta_file: str, model: PathLike, adapter: PathLike | None, overrides: Any
+def saved_config(
+    config_cls: type, meta_file: str, model: PathLike, adapter: PathLike | None = None, overrides: Any = None
 ) -> Any:
+    """The `config_cls` instance that loading `model` (+ `adapter`) with `overrides` resolves, without
+    loading weights: the saved "config" of `meta_file` (adapter first, then model; else the class
+    defaults), `model` set to the given path, then `overrides` (`merge_overrides`)."""
     from umarvel_ray.config import from_dict, to_dict
 
     meta = read_saved_meta(meta_file, adapter, model)
     data = meta.get("config") or to_dict(config_cls())
     data["model"] = str(model)
     return from_dict(config_cls, merge_overrides(data, overrides))
-
-
-def saved_embedder_config(
-    model: PathLike, adapter: PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None
-) -> Any:
-    """The `EmbedderConfig` that `Embedder.load(model, adapter, cfg_overrides=overrides)` resolves,
-    without loading weights (`model` set to the given path)."""
-    from umarvel_ray.model.embedder import EmbedderConfig
-
-    return _saved_config(EmbedderConfig, EMBEDDER_META_FILE, model, adapter, overrides)
-
-
-def saved_reranker_config(
-    model: PathLike, adapter: PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None
-) -> Any:
-    """The `RerankerConfig` that `Reranker.load(model, adapter, cfg_overrides=overrides)` resolves."""
-    from umarvel_ray.model.reranker import RerankerConfig
-
-    return _saved_config(RerankerConfig, RERANKER_META_FILE, model, adapter, overrides)
 
 
 def saved_pixel_budget(config: Any) -> tuple[int, int]:
@@ -81,7 +66,6 @@ __all__ = [
     "RERANKER_META_FILE",
     "merge_overrides",
     "read_saved_meta",
-    "saved_embedder_config",
+    "saved_config",
     "saved_pixel_budget",
-    "saved_reranker_config",
 ]

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from umarvel_ray.serve import bench_cpu
 from umarvel_ray.serve.bench_report import DEPLOYMENT, rose_and_fell, scaling_events, summarize
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from umarvel_ray.serve.bench import BenchSettings
+from umarvel_ray.serve.bench_settings import BenchSettings
 
 log = logging.getLogger("umarvel_ray.serve.bench")  # the bench's logger, as before the split
 

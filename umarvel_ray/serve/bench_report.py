@@ -6,14 +6,12 @@ verdict. Pure functions of the measured numbers (no Ray, no HTTP), so the tests 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from umarvel_ray.serve import bench_cpu
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from umarvel_ray.serve.bench import BenchSettings
+from umarvel_ray.serve.bench_settings import BenchSettings
 
 DEPLOYMENT = "Embedder"  # the deployment whose batching is compared and autoscaled
 

@@ -45,7 +45,9 @@ def find_index(index_dir: str) -> Path:
 def resolve_sources(cfg: ServeConfig) -> Sources:
     """Check the config against the files on disk; raise ConfigError naming the missing piece."""
     from umarvel_ray.data.model_items import TEXT_RULES
-    from umarvel_ray.model.saved import saved_embedder_config, saved_pixel_budget, saved_reranker_config
+    from umarvel_ray.model.embedder import saved_embedder_config
+    from umarvel_ray.model.reranker import saved_reranker_config
+    from umarvel_ray.model.saved import saved_pixel_budget
 
     require_absolute(cfg)
     if not cfg.model_dir or not Path(cfg.model_dir).is_dir():

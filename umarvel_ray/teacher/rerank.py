@@ -198,7 +198,8 @@ class RerankActor:
 
 def reranker_pixels(path: str, adapter: str | None) -> tuple[int, int]:
     """(min_pixels, max_pixels) from the re-ranker's saved config, without loading weights."""
-    from umarvel_ray.model.saved import saved_pixel_budget, saved_reranker_config
+    from umarvel_ray.model.reranker import saved_reranker_config
+    from umarvel_ray.model.saved import saved_pixel_budget
 
     return saved_pixel_budget(saved_reranker_config(path, adapter))
 
