@@ -8,6 +8,7 @@ these paths; the recipe, the training stages and the jobs' presets ask it instea
         checkpoints/                 resumable checkpoints (without Ray; Ray Train keeps its own)
         steps.jsonl                  one row per optimizer step (rank 0)
         train_summary.json           the run's summary
+      ray/<stage>/                   Ray Train's own checkpoints and state (train/launch.py)
       negatives/negatives.jsonl      mined hard negatives (stage 4, reranker)
       teacher/teacher.jsonl          teacher scores (stage 5)
       eval/<name>/                   one evaluation: embeddings/, index/, runs/, mbeir.md/json
