@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError
+from umarvel_ray.config import ConfigError, resolve_against
 from umarvel_ray.embed.decode import KINDS, InputIndex
 from umarvel_ray.io import dir_signature
 
@@ -110,11 +110,6 @@ class ResolvedConfig:
     max_pixels: int
 
 
-def _resolve(base: Path, p: str) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base / q
-
-
 def validate_config(cfg: EmbedConfig) -> ResolvedConfig:
     """Check the config before any Ray work; raise `ConfigError` with a clear message."""
     if cfg.kind not in KINDS:
@@ -125,7 +120,7 @@ def validate_config(cfg: EmbedConfig) -> ResolvedConfig:
     data_root = Path(cfg.data_root).expanduser() if cfg.data_root else None
     if data_root is not None and not data_root.is_dir():
         raise ConfigError(f"data_root is not a directory: {data_root}")
-    inp = _resolve(data_root or Path.cwd(), cfg.input)
+    inp = resolve_against(data_root or Path.cwd(), cfg.input)
     if not inp.is_file():
         raise ConfigError(f"input file not found: {inp}")
     if data_root is None:
@@ -152,7 +147,7 @@ def validate_config(cfg: EmbedConfig) -> ResolvedConfig:
         raise ConfigError(f"text_rule must be one of {TEXT_RULES}, got {cfg.text_rule!r}")
     instructions = None
     if cfg.kind == "query":
-        instructions = _resolve(data_root, cfg.instructions)
+        instructions = resolve_against(data_root, cfg.instructions)
         if not instructions.is_file():
             raise ConfigError(f"instructions file not found: {instructions}")
         from umarvel_ray.data.instructions import read_instructions

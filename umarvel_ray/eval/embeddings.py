@@ -21,9 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from umarvel_ray.config import resolve_against
 from umarvel_ray.data.mbeir import iter_jsonl, read_dids
 from umarvel_ray.embed.commit import REJECTS_NAME
-from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan, resolve_under
+from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan
 from umarvel_ray.io import write_if_changed
 
 log = logging.getLogger("umarvel_ray.eval")
@@ -173,7 +174,7 @@ def _local_from_global(cfg: EvalConfig, plan: EvalPlan, local_tasks: Sequence[Ta
         or (cfg.local_source == "auto" and any("global" in t.pools for t in plan.tasks))
     )
     if plan.global_pool_file is None and cfg.local_source == "global" and local_tasks:
-        g = resolve_under(plan.data_root, cfg.global_pool_file)
+        g = resolve_against(plan.data_root, cfg.global_pool_file)
         if g.is_file():  # global evaluation not asked for, but the local indexes come from it
             plan.global_pool_file, use_global = g, True
     return use_global

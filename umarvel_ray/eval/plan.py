@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError
+from umarvel_ray.config import ConfigError, resolve_against
 from umarvel_ray.data.catalogue import MBEIR_TASKS, TaskSpec
 from umarvel_ray.data.mbeir import GLOBAL_POOL_FILE, read_qids
 from umarvel_ray.data.model_items import TEXT_RULES
@@ -26,7 +26,7 @@ from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_po
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.report import POOLS
 from umarvel_ray.index.factory import RULE, factory_for_pool
-from umarvel_ray.index.options import SearchOptions
+from umarvel_ray.index.options import SearchOptions, check_search_options
 
 log = logging.getLogger("umarvel_ray.eval")
 
@@ -143,12 +143,6 @@ class EvalPlan:
         return next(t for t in self.tasks if t.name == name)
 
 
-def resolve_under(root: Path, p: str) -> Path:
-    """`p` if absolute, else relative to `root` (the data root)."""
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else root / q
-
-
 class InputError(ConfigError):
     """Input files that fail the validator's checks; the message lists its FILE:LINE: field lines.
 
@@ -194,8 +188,7 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"local_source must be one of {LOCAL_SOURCES}, got {cfg.local_source!r}")
     if cfg.search_batch_size < 1:
         raise ConfigError("search_batch_size must be >= 1")
-    if cfg.index_shards < 0 or cfg.index_shard_cpus <= 0:
-        raise ConfigError("index_shards must be >= 0 and index_shard_cpus > 0")
+    check_search_options(cfg)
     if not cfg.run_id or any(c.isspace() for c in cfg.run_id):
         raise ConfigError(f"run_id must be a non-empty token without spaces, got {cfg.run_id!r}")
     if cfg.embed.text_rule not in TEXT_RULES:
@@ -220,7 +213,7 @@ def _global_pool(
     """
     if "global" not in cfg.pools:
         return None, []
-    g = resolve_under(root, cfg.global_pool_file)
+    g = resolve_against(root, cfg.global_pool_file)
     if g.is_file():
         return g, []
     if cfg.global_from_local and any((root / t.pool_file).is_file() for t in found):
