@@ -4,7 +4,8 @@
         output_dir=runs/r/negatives
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/mine_negatives.py --config ...
 
-Options: strategy=mmembed, max_score=0.7 (false-negative filter), depth=100, num_negatives=5,
+Options: strategy=mmembed, max_score=0.7 (false-negative filter), margin=0.05 (drop candidates scoring
+above the positive - margin, NV-Retriever), depth=100, num_negatives=5,
 embed.batch_size=..., query_embeddings=/pool_embeddings= to reuse embedding directories.
 Rerunning resumes the embedding shards; search and selection are repeated (deterministic).
 Exit codes: 0 done, 2 bad config, 1 any other failure.

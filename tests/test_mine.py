@@ -48,12 +48,81 @@ def test_max_score_filter_drops_only_scores_above_threshold():
     assert unfiltered.neg_dids == ["a", "b", "c", "d", "e"] and unfiltered.n_filtered == 0
 
 
+def test_margin_drops_candidates_within_margin_of_the_best_positive():
+    # best positive p1 scores 0.80: threshold 0.80 - 0.05 = 0.75; a, b (above) and c (0.76) are dropped,
+    # d (exactly 0.75) is kept (strictly above drops); p2 (a weaker positive) is not the anchor
+    ids = ["a", "b", "p1", "c", "d", "p2", "e", "f", "g"]
+    scores = [0.95, 0.9, 0.8, 0.76, 0.75, 0.7, 0.6, 0.5, 0.4]
+    sel = select_negatives(ids, scores, {"p1", "p2"}, num=3, margin=0.05)
+    assert sel.neg_dids == ["d", "e", "f"]
+    assert (sel.n_margin, sel.n_filtered, sel.n_candidates, sel.n_positives_skipped) == (3, 0, 4, 2)
+    # margin 0: only candidates scoring above the positive itself go
+    sel0 = select_negatives(ids, scores, {"p1", "p2"}, num=3, margin=0.0)
+    assert sel0.neg_dids == ["c", "d", "e"] and sel0.n_margin == 2
+    # off: the plain first-N walk
+    off = select_negatives(ids, scores, {"p1", "p2"}, num=3)
+    assert off.neg_dids == ["a", "b", "c"] and off.n_margin == 0
+    # with max_score too: a drops by max_score (counted there only), b and c by the margin
+    both = select_negatives(ids, scores, {"p1", "p2"}, num=3, margin=0.05, max_score=0.92)
+    assert both.neg_dids == ["d", "e", "f"] and (both.n_filtered, both.n_margin) == (1, 2)
+
+
+def test_margin_without_a_retrieved_positive_drops_all_and_pads_what_is_left():
+    ids, scores = ["a", "b", "c"], [0.9, 0.8, 0.7]
+    sel = select_negatives(ids, scores, {"elsewhere"}, num=3, margin=0.05)
+    assert sel.neg_dids == [] and sel.n_margin == 3 and sel.n_candidates == 0
+    # one candidate left under the threshold: padded by repeating
+    sel = select_negatives(["a", "p", "b"], [0.9, 0.85, 0.5], {"p"}, num=3, margin=0.1)
+    assert sel.neg_dids == ["b", "b", "b"] and sel.n_candidates == 1 and sel.n_margin == 1
+    with pytest.raises(ValueError, match="margin"):
+        select_negatives(ids, scores, {"a"}, margin=-0.1)
+
+
+def test_margin_applies_before_mmembed_sampling():
+    ids, scores, modality, positives = _mm_list(60, pos_rank=9)  # scores 1.0 - i/100, pos at 0.91
+    # threshold 0.91 - 0.055 = 0.855: ranks 0..14 score above it: 14 candidates (the positive aside) drop
+    sel = select_negatives(
+        ids,
+        scores,
+        positives,
+        num=5,
+        strategy="mmembed",
+        cand_modality=modality,
+        query_target_modality="image",
+        rng=random.Random(0),
+        margin=0.055,
+    )
+    # C1 (wrong modality above the positive) is empty: all of c0..c8 score above the threshold
+    assert sel.n_c1 == 0 and sel.n_c2 == 3 and sel.n_margin == 14
+    assert sorted(set(sel.neg_dids)) == ["c45", "c47", "c49"]
+
+
 def test_all_positives_gives_no_negatives():
     sel = select_negatives(["p1", "p2", ""], [0.9, 0.8, float("-inf")], {"p1", "p2"}, num=5)
     assert sel.neg_dids == [] and sel.n_candidates == 0 and sel.n_positives_skipped == 2
     # the max_score filter can also empty the list
     sel = select_negatives(["a", "b"], [0.9, 0.8], set(), num=5, max_score=0.7)
     assert sel.neg_dids == [] and sel.n_filtered == 2
+
+
+def test_tally_counts_what_each_filter_dropped():
+    from umarvel_ray.data.queries import QueryMeta
+    from umarvel_ray.mine.run import _Tally
+    from umarvel_ray.mine.select import Selection
+
+    tally = _Tally()
+    meta = QueryMeta(qid="2:1", task_id=1, dataset_id=2, positives=frozenset({"p"}))
+    assert meta.task == "webqa_task1"
+    tally.add("1:1", meta, Selection(["a", "b", "c"], 3, 1, n_filtered=2, n_margin=0), 3)
+    tally.add("1:2", meta, Selection(["a", "a", "a"], 1, 1, n_filtered=0, n_margin=4), 3)
+    tally.add("1:3", meta, Selection([], 0, 0, n_filtered=1, n_margin=5), 3)
+    t = tally.totals
+    assert (t["filtered_max_score"], t["queries_filtered_max_score"]) == (3, 2)
+    assert (t["filtered_margin"], t["queries_filtered_margin"]) == (9, 2)
+    assert tally.per_task["webqa_task1"] == dict(queries=3, full=1, padded=1, no_negatives=1)
+    assert tally.empty == [
+        {"qid": "1:3", "task": "webqa_task1", "positives_in_topk": 0, "filtered_max_score": 1, "filtered_margin": 5}
+    ]
 
 
 def _mm_list(
@@ -324,6 +393,8 @@ def test_config_errors(toy_mbeir_dir, tmp_path):
         validate_config(MineConfig(**ok, strategy="mmembed", depth=40))
     with pytest.raises(ConfigError, match="strategy"):
         validate_config(MineConfig(**ok, strategy="random"))
+    with pytest.raises(ConfigError, match="margin must be >= 0"):
+        validate_config(MineConfig(**ok, margin=-0.05))
     with pytest.raises(ConfigError, match="input file not found"):
         validate_config(MineConfig(**ok, query_file="nope.jsonl"))
     with pytest.raises(ConfigError, match="data_root"):

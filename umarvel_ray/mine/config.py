@@ -28,6 +28,13 @@ class MineConfig(SearchOptions, TrainPoolInputs):
         default=None,
         metadata={"help": "drop candidates scoring above this (0.7 in the ablation); null = off"},
     )
+    margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "positive-aware filter (NV-Retriever TopK-MarginPos): drop candidates scoring above "
+            "the best retrieved positive's score - margin (0.05 there); null = off"
+        },
+    )
     c2_ranks: list[int] = field(
         default_factory=lambda: [46, 50],
         metadata={"help": "mmembed: 1-based inclusive rank range of right-modality negatives (C2)"},
@@ -53,6 +60,8 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.depth < 1 or cfg.num_negatives < 1 or cfg.search_batch < 1:
         raise ConfigError("depth, num_negatives and search_batch must be >= 1")
+    if cfg.margin is not None and cfg.margin < 0:
+        raise ConfigError(f"margin must be >= 0 or null, got {cfg.margin}")
     if cfg.max_queries is not None and cfg.max_queries < 1:
         raise ConfigError(f"max_queries must be >= 1 or null, got {cfg.max_queries}")
     if len(cfg.c2_ranks) != 2 or not 1 <= cfg.c2_ranks[0] <= cfg.c2_ranks[1]:

@@ -58,7 +58,16 @@ class _Tally:
     empty: list[dict[str, Any]] = field(default_factory=list)
     per_task: dict[str, dict[str, int]] = field(default_factory=dict)
     totals: dict[str, int] = field(
-        default_factory=lambda: dict(positives_skipped=0, filtered_max_score=0, c1=0, c2=0, unknown_qids=0)
+        default_factory=lambda: dict(
+            positives_skipped=0,
+            filtered_max_score=0,
+            queries_filtered_max_score=0,
+            filtered_margin=0,
+            queries_filtered_margin=0,
+            c1=0,
+            c2=0,
+            unknown_qids=0,
+        )
     )
     embedded: set[str] = field(default_factory=set)
 
@@ -68,6 +77,9 @@ class _Tally:
         t["queries"] += 1
         self.totals["positives_skipped"] += sel.n_positives_skipped
         self.totals["filtered_max_score"] += sel.n_filtered
+        self.totals["queries_filtered_max_score"] += sel.n_filtered > 0
+        self.totals["filtered_margin"] += sel.n_margin
+        self.totals["queries_filtered_margin"] += sel.n_margin > 0
         self.totals["c1"] += sel.n_c1
         self.totals["c2"] += sel.n_c2
         if not sel.neg_dids:
@@ -78,6 +90,7 @@ class _Tally:
                     "task": meta.task,
                     "positives_in_topk": sel.n_positives_skipped,
                     "filtered_max_score": sel.n_filtered,
+                    "filtered_margin": sel.n_margin,
                 }
             )
             return
@@ -161,6 +174,7 @@ def _search_and_select(cfg: MineConfig, inp: _Inputs) -> tuple[_Tally, int]:
                     query_target_modality=meta.target_modality,
                     rng=random.Random(f"{cfg.seed}:{qid}") if cfg.strategy == "mmembed" else None,
                     c2_ranks=tuple(cfg.c2_ranks),
+                    margin=cfg.margin,
                 )
                 tally.add(qid, meta, sel, cfg.num_negatives)
             prog.update(len(batch))
@@ -187,6 +201,7 @@ def _write_summary(
             "depth": cfg.depth,
             "num_negatives": cfg.num_negatives,
             "max_score": cfg.max_score,
+            "margin": cfg.margin,
             "pool_size": pool_size,
             "query_embeddings": str(inp.q_dir),
             "pool_embeddings": str(inp.p_dir),
