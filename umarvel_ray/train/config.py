@@ -1,5 +1,5 @@
 """Training configs: `LoraRunConfig` (what every LoRA run shares), one `TrainConfig` per embedder
-stage, the recipe's five presets, the chain.
+stage, the recipe's five presets (and the optional stage 6), the chain.
 
 A stage config is resolved in layers, each overriding the one before:
 `TrainConfig` defaults -> the stage preset (the stage table of docs/RECIPE.md section 3) -> the
@@ -28,7 +28,9 @@ from umarvel_ray.config import (
 )
 from umarvel_ray.layout import MODEL_DIR, PRESET_NEGATIVES_FILE, PRESET_TEACHER_FILE, RunLayout
 
-STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5")
+STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
+# The recipe's chain; stage6 (MM-Embed's continual text fine-tuning) runs only when listed in `stages`.
+DEFAULT_STAGES: tuple[str, ...] = STAGE_ORDER[:5]
 DATA_KINDS: tuple[str, ...] = ("nli", "caption", "mbeir", "distill")
 OBJECTIVES: tuple[str, ...] = ("infonce", "symmetric", "distill")
 
@@ -131,6 +133,10 @@ class TrainConfig(LoraRunConfig):
         0, "hard negatives per query (nli: 0/1 = its hard_neg; mbeir: from negatives_file)"
     )
     num_candidates: int = option(50, "candidates per query for distillation (shorter lists are masked)")
+    modalities: list[str] = option(
+        [], "mbeir: train only on tasks of these query->candidate modalities, e.g. [text->text] "
+        "(data.catalogue.TASK_MODALITIES; [] = every task)"
+    )
     upsample_min: int = option(
         0, "without a union train file: repeat each task's train queries ceil(N/rows) times "
         "(data.tasks.upsample_factors; 0 = off)"
@@ -162,6 +168,9 @@ class TrainConfig(LoraRunConfig):
             raise ConfigError("objective 'distill' goes with data_kind 'distill' and only with it")
         if self.per_device_batch < 1 or self.micro_batch < 0:
             raise ConfigError("per_device_batch must be >= 1 and micro_batch >= 0")
+        check_modalities(self.modalities)
+        if self.modalities and self.data_kind != "mbeir":
+            raise ConfigError(f"modalities selects M-BEIR tasks: it needs data_kind 'mbeir', not {self.data_kind!r}")
         super().__post_init__()
 
     # ---------------------------------------------------------------- derived paths
@@ -174,7 +183,20 @@ class TrainConfig(LoraRunConfig):
         return self.inject_failure_at_step
 
 
+def check_modalities(modalities: list[str]) -> None:
+    """ConfigError unless every entry is 'QUERY->CANDIDATE' of an M-BEIR task (text->text, ...)."""
+    from umarvel_ray.data.catalogue import TASK_MODALITIES
+
+    known = sorted({f"{q}->{c}" for q, c in TASK_MODALITIES.values()})
+    bad = [m for m in modalities if m not in known]
+    if bad:
+        raise ConfigError(f"modalities: unknown {bad}; known query->candidate pairs: {known}")
+
+
 # The stage table of docs/RECIPE.md section 3. Only what differs from the TrainConfig defaults is listed.
+# stage6 is MM-Embed's continual text-to-text fine-tuning (section 4), optional, after stage 5: the
+# text->text tasks of the M-BEIR train data (WebQA task 1) with the mined hard negatives, stage 4's
+# small learning rate and batch (MM-Embed's own values are not in our notes).
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "stage1": dict(
         data_kind="nli",
@@ -235,6 +257,19 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         epochs=1.0,
         learn_tau=True,
     ),
+    "stage6": dict(
+        data_kind="mbeir",
+        modalities=["text->text"],
+        objective="infonce",
+        num_negatives=5,
+        negatives_file=PRESET_NEGATIVES_FILE,
+        lora_r=128,
+        lora_alpha=256,
+        lr=1.5e-5,
+        per_device_batch=17,
+        epochs=1.0,
+        learn_tau=True,
+    ),
 }
 
 
@@ -245,13 +280,18 @@ class TrainJobConfig:
     run_dir: str = option("runs/default", "run directory shared by all stages", path="cwd")
     data_root: str = option("", "data root (M-BEIR layout)", path="cwd")
     model: str = option("Qwen/Qwen2-VL-7B-Instruct", "base model of the first stage of the chain", path="model")
-    stages: list[str] = option(list(STAGE_ORDER), "stages to run, in order (the chain order is STAGE_ORDER)")
+    stages: list[str] = option(
+        list(DEFAULT_STAGES), "stages to run, in order (the chain order is STAGE_ORDER; stage6 is optional)"
+    )
     common: dict = option({}, "TrainConfig keys applied to every stage (below the stage sections)", keys_of=TrainConfig)
     stage1: dict = option({}, "TrainConfig overrides for stage 1 (text pairs)", keys_of=TrainConfig)
     stage2: dict = option({}, "TrainConfig overrides for stage 2 (caption -> image)", keys_of=TrainConfig)
     stage3: dict = option({}, "TrainConfig overrides for stage 3 (M-BEIR instruction tuning)", keys_of=TrainConfig)
     stage4: dict = option({}, "TrainConfig overrides for stage 4 (hard negatives)", keys_of=TrainConfig)
     stage5: dict = option({}, "TrainConfig overrides for stage 5 (distillation)", keys_of=TrainConfig)
+    stage6: dict = option(
+        {}, "TrainConfig overrides for stage 6 (optional continual text->text fine-tuning)", keys_of=TrainConfig
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]

@@ -141,12 +141,30 @@ def read_query_files(paths: Path | Sequence[Path], upsample_min: int = 0) -> lis
     return out
 
 
+def select_modalities(queries: list[dict[str, Any]], modalities: Sequence[str]) -> list[dict[str, Any]]:
+    """The queries whose task's 'query->candidate' modalities (data.catalogue) are in `modalities`
+    (all when empty). Raises ValueError, naming the pairs present, when none is left."""
+    from umarvel_ray.data.catalogue import task_modalities
+
+    if not modalities:
+        return queries
+    pair = {t: "->".join(task_modalities(t)) for t in {q["task_id"] for q in queries}}
+    kept = [q for q in queries if pair[q["task_id"]] in modalities]
+    if not kept:
+        have = sorted(set(pair.values()))
+        raise ValueError(f"modalities {list(modalities)}: no training query left; the data has {have}")
+    log.info("modalities %s: %d of %d training queries kept", list(modalities), len(kept), len(queries))
+    return kept
+
+
 class MBEIRTrain:
     """Stage 3/4: M-BEIR union train queries; a seeded positive + instruction per query per epoch.
 
     With `negatives_path` (stage 4, {qid, neg_dids}) each example carries `num_negatives` mined
     negatives, sampled per epoch without replacement (cycled when a list is shorter); labelled
     positives are never used as negatives, and queries without any negative are dropped (logged).
+    With `modalities` (e.g. ["text->text"], stage 6) only queries of tasks with those
+    query->candidate modalities are kept (before `limit`); none left raises ValueError.
     """
 
     def __init__(
@@ -159,10 +177,11 @@ class MBEIRTrain:
         num_negatives: int = 0,
         limit: int = 0,
         upsample_min: int = 0,
+        modalities: Sequence[str] = (),
     ) -> None:
         from umarvel_ray.data.instructions import read_instructions
 
-        self.queries = read_query_files(queries_path, upsample_min)
+        self.queries = select_modalities(read_query_files(queries_path, upsample_min), modalities)
         if limit:
             self.queries = self.queries[:limit]
         self.pool = _Pool(pool_path)
@@ -292,6 +311,7 @@ def build_source(cfg: TrainConfig) -> NLIPairs | CaptionPairs | MBEIRTrain | Dis
             num_negatives=cfg.num_negatives,
             limit=limit,
             upsample_min=cfg.upsample_min,
+            modalities=cfg.modalities,
         )
     if not cfg.teacher_file:
         raise ValueError("distillation needs teacher_file ({qid, candidates, scores} jsonl)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from umarvel_ray.config import ConfigError
-from umarvel_ray.train.config import STAGE_ORDER, TrainConfig
+from umarvel_ray.train.config import DEFAULT_STAGES, TrainConfig
 
 PAIR_FORMATS = {
     "nli": (
@@ -27,7 +27,7 @@ PAIR_FORMATS = {
 
 
 def _later_stages() -> str:
-    return ",".join(s for s in STAGE_ORDER[STAGE_ORDER.index("stage3") :])
+    return ",".join(s for s in DEFAULT_STAGES[DEFAULT_STAGES.index("stage3") :])
 
 
 def check_stage_inputs(cfg: TrainConfig) -> None:
