@@ -4,7 +4,7 @@ module or function grows past what one reader holds in mind.
 Read from the source with `ast` (every import, including the lazy ones inside functions), so a
 new arrow back up fails here before anyone has to untangle it. The floors, top to bottom:
 
-    5  recipe, cli                     the chain of steps; the jobs' entry helper
+    5  recipe, cli, ablation           the chain of steps; the jobs' entry helper; multi-step ablations
     4  eval, mine, teacher, serve      the steps (siblings: never import each other)
     3  embed, train                    the Ray Data embedding job; the training loop
     2  model, index, layout            the embedder/reranker; vector search; run-directory paths
@@ -30,7 +30,7 @@ FLOORS: dict[str, int] = {
     "model": 2, "index": 2, "layout": 2,
     "embed": 3, "train": 3,
     "eval": 4, "mine": 4, "teacher": 4, "serve": 4,
-    "recipe": 5, "cli": 5,
+    "recipe": 5, "cli": 5, "ablation": 5,
 }  # fmt: skip
 
 MAX_MODULE_LINES = 450
