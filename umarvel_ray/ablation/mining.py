@@ -127,6 +127,7 @@ def variant_mine_config(cfg: MiningAblationConfig, name: str, layout: RunLayout)
     data = to_dict(cfg.mine)
     data.update(cfg.variants[name])
     data.update(data_root=cfg.data_root, model=cfg.model, output_dir=str(layout.negatives_dir()))
+    data["embed"]["data_root"] = data["embed"].get("data_root") or cfg.data_root  # its relative paths' anchor
     shared = cfg.out / "embeddings"
     data["query_embeddings"] = cfg.mine.query_embeddings or str(shared / "queries")
     data["pool_embeddings"] = cfg.mine.pool_embeddings or str(shared / "pool")
