@@ -64,6 +64,22 @@ def test_bad_variant_names_are_refused(tmp_path, monkeypatch):
         )
 
 
+def test_a_variant_mined_with_other_settings_is_not_reused(tmp_path, monkeypatch):
+    from umarvel_ray.ablation.mining import _mine
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_ablation_config(TOY, ["variants.margin.margin=0.01"])
+    lay = RunLayout(cfg.out / "margin")
+    lay.negatives_dir().mkdir(parents=True)
+    lay.negatives_file().write_text("")
+    done = {"strategy": "umarvel", "depth": 50, "num_negatives": 3, "max_score": None, "margin": 0.01}
+    (lay.negatives_dir() / "summary.json").write_text(json.dumps({**done, "counts": {"full": 7}}))
+    assert _mine(cfg, "margin", lay) == {"full": 7}  # same rule: read back, not mined again
+    (lay.negatives_dir() / "summary.json").write_text(json.dumps({**done, "margin": 0.05, "counts": {}}))
+    with pytest.raises(ConfigError, match=r"mined with other settings \(margin=0.05\)"):
+        _mine(cfg, "margin", lay)
+
+
 def test_table_rows():
     rows = [
         {"variant": "stage3", "rule": "ref", "mine": None, "local": 0.409, "global": 0.275},

@@ -52,6 +52,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "margin": {"strategy": "umarvel", "margin": 0.05},
 }
 REFERENCE = "stage3"
+RULE_KEYS = ("strategy", "depth", "num_negatives", "max_score", "margin")  # recorded in mining's summary.json
 TABLE_NAME = "mining_ablation"
 CONFIG_NAME = "ablation_config.yaml"
 MINE_STATS = (
@@ -152,13 +153,22 @@ def _mine(cfg: MiningAblationConfig, name: str, layout: RunLayout) -> dict[str, 
     from umarvel_ray.embed.train_pool import SUMMARY_NAME
 
     summary_path = layout.negatives_dir() / SUMMARY_NAME
+    mcfg = variant_mine_config(cfg, name, layout)
     if not (layout.negatives_file().is_file() and summary_path.is_file()):
         from umarvel_ray.mine.run import run_mining
 
-        run_mining(variant_mine_config(cfg, name, layout))
+        run_mining(mcfg)
     else:
         log.info("%s: negatives exist (%s), not mined again", name, layout.negatives_file())
-    return json.loads(summary_path.read_text())["counts"]
+    done = json.loads(summary_path.read_text())
+    changed = [k for k in RULE_KEYS if done.get(k) != getattr(mcfg, k)]
+    if changed:
+        was = ", ".join(f"{k}={done.get(k)}" for k in changed)
+        raise ConfigError(
+            f"variant {name}: {layout.run_dir} was mined with other settings ({was}); name the variant "
+            "differently, or remove that directory to redo it"
+        )
+    return done["counts"]
 
 
 def _train(cfg: MiningAblationConfig, layout: RunLayout) -> Path:
