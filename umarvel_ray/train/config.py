@@ -147,6 +147,9 @@ class TrainConfig(LoraRunConfig):
     learn_tau: bool = option(True, "learn log(tau) (frozen in stages 1-2)")
     inherit_tau: bool = option(True, "start from the tau stored with the input model when it has one")
     mask_false_negatives: bool = option(True, "remove in-batch candidates equal to a row's positive")
+    teacher_gate: bool = option(
+        True, "distill: train only when the teacher's fused ranking beats cos alone on its queries "
+        "(teacher_quality.json); otherwise the stage keeps its starting model and says why (train/gate.py)")
     # --- model
     embedder: dict = option(
         {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"
