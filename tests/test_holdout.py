@@ -48,3 +48,18 @@ def test_mbeir_train_leaves_heldout_queries_out(toy_mbeir_dir) -> None:
     assert [q["qid"] for q in train.queries] == [q for q in qids if not is_heldout(q, 0.2)]
     assert [q["qid"] for q in held.queries] == [q for q in qids if is_heldout(q, 0.2)]
     assert held.queries and train.queries
+
+
+def test_teacher_samples_only_heldout_queries() -> None:
+    from umarvel_ray.data.queries import QueryMeta
+    from umarvel_ray.teacher.config import TeacherConfig
+    from umarvel_ray.teacher.run import _sample
+
+    metas = {f"1:{i}": QueryMeta(f"1:{i}", 0, 1, frozenset({"x"})) for i in range(1000)}
+    held = {q for q in metas if is_heldout(q, 0.2)}
+    half = _sample(TeacherConfig(fraction=0.1, holdout_fraction=0.2), metas)
+    every = _sample(TeacherConfig(fraction=0.3, holdout_fraction=0.2), metas)
+    assert set(every["fashion200k_task0"]) == held  # a fraction above the slice takes all of it
+    assert set(half["fashion200k_task0"]) < held and len(half["fashion200k_task0"]) == round(len(held) / 2)
+    plain = _sample(TeacherConfig(fraction=0.1), metas)
+    assert len(plain["fashion200k_task0"]) == 100 and not set(plain["fashion200k_task0"]) <= held
