@@ -160,6 +160,9 @@ def select_modalities(queries: list[dict[str, Any]], modalities: Sequence[str]) 
 class MBEIRTrain:
     """Stage 3/4: M-BEIR union train queries; a seeded positive + instruction per query per epoch.
 
+    `split` picks the queries of `holdout_fraction`'s slice (data/holdout.py): `train` (the
+    default: held-out queries are left out), `heldout` or `all`.
+
     With `negatives_path` (stage 4, {qid, neg_dids}) each example carries `num_negatives` mined
     negatives, sampled per epoch without replacement (cycled when a list is shorter); labelled
     positives are never used as negatives, and queries without any negative are dropped (logged).
@@ -177,11 +180,15 @@ class MBEIRTrain:
         num_negatives: int = 0,
         limit: int = 0,
         upsample_min: int = 0,
+        holdout_fraction: float = 0.0,
+        split: str = "train",
         modalities: Sequence[str] = (),
     ) -> None:
+        from umarvel_ray.data.holdout import split_queries
         from umarvel_ray.data.instructions import read_instructions
 
-        self.queries = select_modalities(read_query_files(queries_path, upsample_min), modalities)
+        self.queries = split_queries(read_query_files(queries_path, upsample_min), holdout_fraction, split)
+        self.queries = select_modalities(self.queries, modalities)
         if limit:
             self.queries = self.queries[:limit]
         self.pool = _Pool(pool_path)
@@ -311,6 +318,7 @@ def build_source(cfg: TrainConfig) -> NLIPairs | CaptionPairs | MBEIRTrain | Dis
             num_negatives=cfg.num_negatives,
             limit=limit,
             upsample_min=cfg.upsample_min,
+            holdout_fraction=cfg.holdout_fraction,
             modalities=cfg.modalities,
         )
     if not cfg.teacher_file:
