@@ -49,6 +49,9 @@ def test_recipe_file_sections_drive_every_variant(tmp_path, monkeypatch):
     assert s4.model == cfg.model and s4.negatives_file == str(lay.negatives_file())
     assert (s4.max_steps, s4.lr, s4.per_device_batch, s4.num_negatives, s4.lora_r) == (100, 2e-4, 16, 3, 32)
     assert s4.stage_dir == cfg.out / "margin" / "stage4" and s4.seed == 42
+    assert s4.holdout_fraction == cfg.holdout_fraction
+    held = load_ablation_config(TOY, ["holdout_fraction=0.1"])
+    assert stage_config(variant_train_job(held, lay), "stage4").holdout_fraction == 0.1
     assert cfg.eval.embed.instruction_seed == 0 and cfg.eval.data_root == str(tmp_path / "data/toy_mbeir")
 
 

@@ -76,6 +76,7 @@ class MiningAblationConfig:
     variants: dict = option(DEFAULT_VARIANTS, "variant name -> MineConfig overrides (strategy, max_score, margin, ...)")
     only: list[str] = option([], "run only these variants, in this order ([] = all of variants)")
     reference: bool = option(True, "evaluate the stage-3 model too (the table's reference row)")
+    holdout_fraction: float = option(0.0, "the recipe file's: train queries stage 4 leaves out (data/holdout.py)")
     train: TrainJobConfig = dataclasses.field(default_factory=TrainJobConfig)
     mine: MineConfig = dataclasses.field(default_factory=MineConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -136,14 +137,17 @@ def variant_mine_config(cfg: MiningAblationConfig, name: str, layout: RunLayout)
 
 
 def variant_train_job(cfg: MiningAblationConfig, layout: RunLayout) -> TrainJobConfig:
-    """Stage 4 alone, from the stage-3 model, on the variant's negatives, in the variant's run dir."""
+    """Stage 4 alone, from the stage-3 model, on the variant's negatives, in the variant's run dir,
+    leaving out the held-out train queries as the recipe's stage 4 does."""
     stage4 = {**cfg.train.stage4, "negatives_file": str(layout.negatives_file()), "model": cfg.model}
+    common = {"holdout_fraction": cfg.holdout_fraction, **cfg.train.common}  # as the recipe's train_job
     return dataclasses.replace(
         cfg.train,
         run_dir=str(layout.run_dir),
         data_root=cfg.data_root,
         model=cfg.model,
         stages=["stage4"],
+        common=common,
         stage4=stage4,
     )
 
