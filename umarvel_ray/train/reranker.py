@@ -270,9 +270,14 @@ class RerankerTask:
 
     def build_module(self, where: Placement) -> tuple[nn.Module, bool]:
         from umarvel_ray.model.reranker import Reranker
+        from umarvel_ray.model.saved import EMBEDDER_META_FILE
 
         self.where = where
         rr_cfg = reranker_config(self.cfg, where.use_gpu)
+        if where.rank == 0:
+            embedder = (Path(rr_cfg.model) / EMBEDDER_META_FILE).is_file()
+            start = "a trained embedder's (e.g. stage 3)" if embedder else "base"
+            log.info("reranker: initialised from %s weights at %s (causal, LM head)", start, rr_cfg.model)
         self.reranker = Reranker.build(rr_cfg)
         return JudgeModule(self.reranker), rr_cfg.dtype == "bfloat16"
 
