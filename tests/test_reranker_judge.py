@@ -138,6 +138,10 @@ def test_training_leaves_heldout_queries_out_and_heldout_groups_hold_them(tmp_pa
         assert any(candidate_item(pool[d]) == p for d in queries[qid]["pos_cand_list"])
         assert ns == [candidate_item(pool[d]) for d in negs[qid]]  # every mined negative, in order
         assert q["instruction"] and (q["text"] or q["image"])
+    # heldout_negatives=1: only each query's first (hardest) mined negative
+    first = heldout_groups(_cfg(tmp_path, toy_mbeir_dir, holdout_fraction=0.25, heldout_max_queries=5,
+                                heldout_negatives=1))
+    assert [ns for _, _, ns in first] == [[candidate_item(pool[negs[q][0]])] for q in held_all[:5]]
 
 
 # ---------------------------------------------------------------------------------------------

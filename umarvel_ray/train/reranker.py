@@ -68,6 +68,9 @@ class RerankerTrainConfig(LoraRunConfig):
     max_examples: int = option(0, "use only the first N training queries (0 = all)")
     heldout_max_queries: int = option(
         1000, "held-out queries scored after training when holdout_fraction > 0 (0 = all of them)")
+    heldout_negatives: int = option(
+        0, "held-out pairs use each query's first N mined negatives (mining keeps rank order: the N "
+        "hardest); 0 = all of them")
     heldout_batch: int = option(16, "pairs per forward when scoring the held-out queries")
     per_device_batch: int = option(8, "pairs per worker per step")
     # --- model
@@ -79,8 +82,8 @@ class RerankerTrainConfig(LoraRunConfig):
             raise ConfigError(f"judge must be yes_no or true_false, got {self.judge!r}")
         if self.per_device_batch < 1 or self.negatives_per_positive < 1 or self.heldout_batch < 1:
             raise ConfigError("per_device_batch, negatives_per_positive and heldout_batch must be >= 1")
-        if self.heldout_max_queries < 0:
-            raise ConfigError(f"heldout_max_queries must be >= 0, got {self.heldout_max_queries}")
+        if self.heldout_max_queries < 0 or self.heldout_negatives < 0:
+            raise ConfigError("heldout_max_queries and heldout_negatives must be >= 0")
         if self.log_every < 1 or self.save_every < 1:
             raise ConfigError("log_every and save_every must be >= 1")
         super().__post_init__()

@@ -3,8 +3,9 @@
 With `holdout_fraction` > 0 the re-ranker trains on the `train` split of the M-BEIR train queries
 (data/holdout.py) and, once merged, rank 0 scores the held-out queries' pairs with the in-memory
 merged judge (the very weights just written to `<output>/model`): per query its epoch-0 positive
-and instruction (`MBEIRTrain.example(q, 0)`) against every distinct mined negative of that query
-(pool=local mining: same-task, same-modality distractors of the stage-3 model's local top-k).
+and instruction (`MBEIRTrain.example(q, 0)`) against every distinct mined negative of that query,
+or its first `heldout_negatives` (pool=local mining keeps rank order: the stage-3 model's hardest
+same-task, same-modality distractors).
 
     pairwise accuracy = #{(q, n): P(Yes | q, pos_q) > P(Yes | q, n)} / #{(q, n)}
 
@@ -47,7 +48,8 @@ def heldout_metrics(pos: Sequence[float], negs: Sequence[Sequence[float]]) -> di
 
 def heldout_groups(cfg: Any) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
     """(query item, positive item, [negative items]) of the first `heldout_max_queries` held-out
-    queries that have a positive and a mined negative; image paths, not decoded."""
+    queries that have a positive and a mined negative: each query's distinct mined negatives in
+    file order (rank order), the first `heldout_negatives` of them when set; image paths."""
     from umarvel_ray.train.data import MBEIRTrain, mbeir_train_inputs
 
     queries, pool = mbeir_train_inputs(cfg)
@@ -66,6 +68,7 @@ def heldout_groups(cfg: Any) -> list[tuple[dict[str, Any], dict[str, Any], list[
     for i in range(n):
         ex = held.example(i, 0)
         negs = list(dict.fromkeys(held.negatives[held.queries[i]["qid"]]))
+        negs = negs[: cfg.heldout_negatives] if cfg.heldout_negatives else negs
         out.append((ex["query"], ex["positive"], [held.pool.item(d) for d in negs]))
     return out
 
