@@ -12,8 +12,8 @@ from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.artefacts import read_teacher
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.index.local_pool import local_pool_mask
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.retrieve import local_pool_mask
 from umarvel_ray.teacher.run import run_teacher_scoring
 from umarvel_ray.teacher.sample import stratified_sample
 from umarvel_ray.teacher.scores import task_weight, teacher_scores

@@ -261,8 +261,16 @@ class Recipe:
         self._mine(self.layout.negatives_dir(), {})
 
     def step_mine_reranker(self) -> None:
-        """The re-ranker's negatives: `mine` with `reranker_mine` on top (each task's local pool)."""
-        self._mine(self.layout.negatives_dir(RERANKER_STAGE), self.cfg.reranker_mine)
+        """The re-ranker's negatives: `mine` with `reranker_mine` on top (each task's local pool).
+
+        Same stage-3 model as `mine`, so the embeddings `mine` made (its summary.json names them)
+        are searched again rather than recomputed.
+        """
+        from umarvel_ray.io import read_json_or_none
+
+        union = read_json_or_none(self.layout.negatives_dir() / "summary.json") or {}
+        shared = {k: union[k] for k in ("query_embeddings", "pool_embeddings") if union.get(k)}
+        self._mine(self.layout.negatives_dir(RERANKER_STAGE), {**shared, **self.cfg.reranker_mine})
 
     def reranker_negatives(self) -> Path:
         """The re-ranker's own negatives when the chain mines them, else stage 4's."""

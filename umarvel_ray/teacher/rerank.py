@@ -18,9 +18,9 @@ import numpy as np
 
 from umarvel_ray.config import ConfigError
 from umarvel_ray.embed import decode
+from umarvel_ray.index.local_pool import RetrievedQuery
 from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.teacher.offsets import read_at
-from umarvel_ray.teacher.retrieve import RetrievedQuery
 
 log = logging.getLogger("umarvel_ray.teacher")
 

@@ -5,7 +5,7 @@
    at most `max_per_task`.
 2. Embed the sampled queries and the union training pool with the (stage-4) embedder through the
    Ray Data embedding pipeline (restartable; reused when complete).
-3. Per task, exact top-`top_k` (50) over that task's LOCAL training pool (`teacher/retrieve.py`).
+3. Per task, exact top-`top_k` (50) over that task's LOCAL training pool (`index/local_pool.py`).
 4. P(Yes) of the re-ranker for every (query, candidate) pair (`teacher/rerank.py`, the Ray Data
    re-ranker pipeline), restartable by shard (`teacher/shards.py`).
 5. teacher score = cos + w * P(Yes), w per task (`task_weights`, default `default_weight`;
@@ -30,10 +30,10 @@ from umarvel_ray.data.holdout import is_heldout
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
 from umarvel_ray.embed.ensure import ensure_embeddings, subset_input
 from umarvel_ray.embed.train_pool import SUMMARY_NAME, start_run
+from umarvel_ray.index.local_pool import retrieve_local
 from umarvel_ray.io import atomic_write_json
 from umarvel_ray.teacher.config import TeacherConfig, TeacherResult, validate_config
 from umarvel_ray.teacher.quality import describe, teacher_quality
-from umarvel_ray.teacher.retrieve import retrieve_local
 from umarvel_ray.teacher.sample import sample_lines, stratified_sample
 from umarvel_ray.teacher.scores import Records, teacher_records
 from umarvel_ray.teacher.shards import Scored, score_shards

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from umarvel_ray.index.local_pool import RetrievedQuery
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.retrieve import RetrievedQuery
 
 
 def task_weight(task: str, default: float, weights: Mapping[str, float]) -> float:
