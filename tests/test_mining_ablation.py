@@ -75,7 +75,7 @@ def test_a_variant_mined_with_other_settings_is_not_reused(tmp_path, monkeypatch
     lay = RunLayout(cfg.out / "margin")
     lay.negatives_dir().mkdir(parents=True)
     lay.negatives_file().write_text("")
-    done = {"strategy": "umarvel", "depth": 50, "num_negatives": 3, "max_score": None, "margin": 0.01}
+    done = {"strategy": "umarvel", "pool": "union", "depth": 50, "num_negatives": 3, "max_score": None, "margin": 0.01}
     (lay.negatives_dir() / "summary.json").write_text(json.dumps({**done, "counts": {"full": 7}}))
     assert _mine(cfg, "margin", lay) == {"full": 7}  # same rule: read back, not mined again
     (lay.negatives_dir() / "summary.json").write_text(json.dumps({**done, "margin": 0.05, "counts": {}}))

@@ -52,7 +52,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "margin": {"strategy": "umarvel", "margin": 0.05},
 }
 REFERENCE = "stage3"
-RULE_KEYS = ("strategy", "depth", "num_negatives", "max_score", "margin")  # recorded in mining's summary.json
+# the mining settings summary.json records: a variant directory mined with others is not reused
+RULE_KEYS = ("strategy", "pool", "depth", "num_negatives", "max_score", "margin")
 TABLE_NAME = "mining_ablation"
 CONFIG_NAME = "ablation_config.yaml"
 MINE_STATS = (

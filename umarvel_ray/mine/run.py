@@ -204,7 +204,8 @@ def _search_local(cfg: MineConfig, inp: _Inputs) -> tuple[_Tally, int]:
     for rq in found:
         tally.embedded.add(rq.meta.qid)
         sel = select_negatives(
-            rq.candidates, rq.cos, rq.meta.positives, num=cfg.num_negatives, max_score=cfg.max_score
+            rq.candidates, rq.cos, rq.meta.positives, num=cfg.num_negatives, max_score=cfg.max_score,
+            margin=cfg.margin,
         )
         tally.add(rq.meta.qid, rq.meta, sel, cfg.num_negatives)
     for qid in no_pool:
