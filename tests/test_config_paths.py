@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 PATHLIKE = re.compile(
     r"(^|_)(dir|root|file|path|model|adapter|input|output|embeddings|instructions|config|pool|from)$|^reranker$"
 )
-NOT_PATHS = {("EvalConfig", "local_source")}
+NOT_PATHS = {("EvalConfig", "local_source"), ("MineConfig", "pool")}  # pool = union|local, a choice
 
 
 def _config_classes() -> list[type]:

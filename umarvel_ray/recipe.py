@@ -3,8 +3,9 @@
 data -> base model -> eval(base) -> stage1 -> eval -> stage2 -> eval -> stage3 -> eval -> mine
 negatives (union pool) -> stage4 -> eval -> mine the re-ranker's negatives (each task's local pool)
 -> reranker (Yes/No judge) -> teacher scores (stage-4 retrieval, cos + w * P(Yes), with its quality)
--> stage5 (distillation, gated on the teacher's quality) -> eval -> eval with U-MARVEL+ reranking
--> eval with MM-Embed zero-shot reranking (the base MLLM)
+-> stage5 (distillation, gated on the teacher's quality) -> eval -> [stage6: MM-Embed's continual
+text->text fine-tuning, when train.stages lists it -> eval] -> eval with U-MARVEL+ reranking -> eval
+with MM-Embed zero-shot reranking (the base MLLM)
 
 Every evaluation is a row of the summary table (`recipe_summary.md`), local and global averages,
 with the per-task tables in `eval/<row>/mbeir.md`.
@@ -55,6 +56,8 @@ STEPS: tuple[str, ...] = (
     "teacher",
     "stage5",
     "eval_stage5",
+    "stage6",
+    "eval_stage6",
     "eval_umarvel_plus",
     "eval_zeroshot",
 )
