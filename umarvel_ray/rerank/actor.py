@@ -10,6 +10,14 @@ from umarvel_ray.config import ConfigError
 from umarvel_ray.rerank.pairs import image_from_bytes
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _bytes(value: Any) -> bytes | None:
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
 class RerankActor:
     """Ray Data actor: one `Reranker.load` per actor, P(Yes) for each valid pair of a batch.
 
@@ -44,16 +52,19 @@ class RerankActor:
 
     @staticmethod
     def _pairs(batch: dict[str, np.ndarray], rows: np.ndarray) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The (query, candidate) items of `rows`. A column that is None in every row of a block
+        (e.g. the texts of image-only candidates) reaches the actor through Arrow as float NaN, so
+        anything that is not a str (bytes for images) is read as None, never as the text "nan"."""
         return [
             (
                 {
-                    "text": batch["q_text"][i],
-                    "image": image_from_bytes(batch["q_image"][i], batch["q_h"][i], batch["q_w"][i]),
-                    "instruction": batch["q_instruction"][i],
+                    "text": _str(batch["q_text"][i]),
+                    "image": image_from_bytes(_bytes(batch["q_image"][i]), batch["q_h"][i], batch["q_w"][i]),
+                    "instruction": _str(batch["q_instruction"][i]),
                 },
                 {
-                    "text": batch["c_text"][i],
-                    "image": image_from_bytes(batch["c_image"][i], batch["c_h"][i], batch["c_w"][i]),
+                    "text": _str(batch["c_text"][i]),
+                    "image": image_from_bytes(_bytes(batch["c_image"][i]), batch["c_h"][i], batch["c_w"][i]),
                     "instruction": None,
                 },
             )
