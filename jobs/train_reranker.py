@@ -7,7 +7,8 @@
 The YAML's `reranker:` section is used when present (else the whole file must hold reranker keys;
 `--help` lists them). Needs the stage-3 model's mined negatives (jobs/mine_negatives.py). The merged judge goes to `<output>/model` (default
 `<run_dir>/reranker/model`); a finished run is skipped, an interrupted one resumes from its last
-checkpoint when submitted again with the same run_dir. Exit codes: 0 done, 2 bad config, 1 failure.
+checkpoint when submitted again with the same run_dir. With holdout_fraction > 0 the SUMMARY line
+carries the held-out pairwise accuracy and mean P(Yes) of positives / negatives. Exit codes: 0 done, 2 bad config, 1 failure.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from umarvel_ray.progress import summary
 
 
 def _train(cfg: object) -> Path:
+    from umarvel_ray.layout import TRAIN_SUMMARY_FILE
     from umarvel_ray.train.launch import run_reranker_training
+    from umarvel_ray.train.reranker_heldout import summary_fields
 
     out = run_reranker_training(cfg)
-    summary("train reranker", model_dir=str(out))
+    summary("train reranker", model_dir=str(out), **summary_fields(cfg.stage_dir / TRAIN_SUMMARY_FILE))
     return out
 
 

@@ -103,14 +103,14 @@ def test_the_final_line_names_the_serve_command_for_the_trained_model(tmp_path):
     for d in ("stage1", "stage2", "stage3", "stage4", "stage5", "reranker"):
         (tmp_path / d / "model").mkdir(parents=True)
         (tmp_path / d / "model" / "config.json").write_text("{}")
-    (tmp_path / "eval/final/index").mkdir(parents=True)
-    (tmp_path / "eval/final/index/global.meta.json").write_text("{}")
-    (tmp_path / "eval/final/embeddings/pool-global").mkdir(parents=True)
-    (tmp_path / "eval/final/embeddings/pool-global/manifest.json").write_text("{}")
+    (tmp_path / "eval/stage5/index").mkdir(parents=True)
+    (tmp_path / "eval/stage5/index/global.meta.json").write_text("{}")
+    (tmp_path / "eval/stage5/embeddings/pool-global").mkdir(parents=True)
+    (tmp_path / "eval/stage5/embeddings/pool-global/manifest.json").write_text("{}")
     assert recipe.serve_command() == (
         f"serve run umarvel_ray.serve.app:build_app model_dir={tmp_path}/stage5/model "
-        f"index_dir={tmp_path}/eval/final/index/global "
-        f"embeddings_dir={tmp_path}/eval/final/embeddings/pool-global reranker_dir={tmp_path}/reranker/model"
+        f"index_dir={tmp_path}/eval/stage5/index/global "
+        f"embeddings_dir={tmp_path}/eval/stage5/embeddings/pool-global reranker_dir={tmp_path}/reranker/model"
     )
 
 
@@ -123,3 +123,26 @@ def test_a_chain_without_pretraining_pairs_stops_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"stage1 \(nli pairs\) needs .*pretrain/nli_pairs.jsonl"):
         Recipe(cfg).run()
     assert not (tmp_path / "run").exists()
+
+
+def test_reranker_and_teacher_get_their_inputs_and_the_holdout(tmp_path):
+    cfg = load_config(
+        RecipeConfig,
+        REPO / "jobs/configs/toy.yaml",
+        [f"run_dir={tmp_path}", "reranker_init=stage3", "holdout_fraction=0.1"],
+    )
+    recipe = Recipe(cfg)
+    for d in ("stage3", "stage4", "reranker"):
+        (tmp_path / d / "model").mkdir(parents=True)
+        (tmp_path / d / "model" / "config.json").write_text("{}")
+    assert recipe.reranker_negatives() == tmp_path / "negatives_reranker" / "negatives.jsonl"
+    without = Recipe(dataclasses.replace(cfg, steps=[s for s in STEPS if s != "mine_reranker"]))
+    assert without.reranker_negatives() == tmp_path / "negatives" / "negatives.jsonl"
+    teacher = recipe.teacher_config()
+    assert (teacher.holdout_fraction, teacher.model) == (0.1, str(tmp_path / "stage4" / "model"))
+    from umarvel_ray.train.config import stage_config
+
+    job = recipe.train_job()
+    assert {stage_config(job, s).holdout_fraction for s in ("stage3", "stage4", "stage5")} == {0.1}
+    with pytest.raises(ConfigError, match="reranker_init must be one of"):
+        load_config(RecipeConfig, None, ["reranker_init=stage9"])

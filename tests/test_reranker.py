@@ -128,7 +128,9 @@ def test_training_labels_only_on_the_answer_token(rr):
     for i in range(3):
         n = int(plain["attention_mask"][i].sum())
         assert torch.equal(batch["input_ids"][i, :n], plain["input_ids"][i, :n])
-    # our one-position loss equals the stock HF causal-LM loss over these labels
+    # our one-position loss equals the two-word cross-entropy of the stock HF causal LM's logits at
+    # the labelled position (the loss is over [Yes, No] only, issue #13; it used to be the full
+    # vocabulary's, i.e. HF's own `.loss`)
     keys = (
         "input_ids",
         "attention_mask",
@@ -139,8 +141,11 @@ def test_training_labels_only_on_the_answer_token(rr):
     )
     batch = {**batch, "pixel_values": model_pixel_values(batch, rr.collator.pixel_layout)}
     with torch.no_grad():
-        hf = rr.model(**{k: batch[k] for k in keys}, labels=labels).loss
+        hf_logits = rr.model(**{k: batch[k] for k in keys}).logits.float()
         ours = rr.loss(batch)
+    rows = torch.arange(3)
+    two = hf_logits[rows, last - 1][:, [yes, no]]
+    hf = torch.nn.functional.cross_entropy(two, torch.tensor([0, 1, 0]))
     torch.testing.assert_close(ours, hf, atol=1e-5, rtol=1e-5)
 
 

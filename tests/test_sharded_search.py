@@ -202,9 +202,9 @@ def test_mining_and_teacher_retrieval_identical_with_two_shards(
 ):
     from umarvel_ray.data.queries import read_query_meta
     from umarvel_ray.embed.config import EmbedConfig
+    from umarvel_ray.index.local_pool import retrieve_local
     from umarvel_ray.mine.config import MineConfig
     from umarvel_ray.mine.run import run_mining
-    from umarvel_ray.teacher.retrieve import retrieve_local
 
     def mine(shards: int, strategy: str):
         return run_mining(

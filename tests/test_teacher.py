@@ -12,8 +12,8 @@ from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.artefacts import read_teacher
 from umarvel_ray.data.queries import read_query_meta
 from umarvel_ray.embed.config import EmbedConfig
+from umarvel_ray.index.local_pool import local_pool_mask
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.retrieve import local_pool_mask
 from umarvel_ray.teacher.run import run_teacher_scoring
 from umarvel_ray.teacher.sample import stratified_sample
 from umarvel_ray.teacher.scores import task_weight, teacher_scores
@@ -167,6 +167,27 @@ def test_teacher_end_to_end(ray_cluster, tiny_model_dir, toy_mbeir_dir, shared, 
         best_local = max(float(qvec[qid] @ pvec[d]) for d in local)
         assert abs(r["cos"][0] - best_local) < 1e-5
     assert {recs[q]["task"] for q in recs} == {t.name for t in catalogue.MBEIR_TASKS}
+
+    # The actors' P(Yes) is Reranker.score of the same pair built by the same decoding rule.
+    from umarvel_ray.data.artefacts import read_teacher_quality
+    from umarvel_ray.embed import decode
+    from umarvel_ray.model.reranker import Reranker
+    from umarvel_ray.teacher.quality import teacher_quality
+
+    reranker = Reranker.load(str(tiny_model_dir))
+    px = (reranker.cfg.inputs.min_pixels, reranker.cfg.inputs.max_pixels)
+    instr = str(toy / "instructions/query_instructions.tsv")
+    q_lines = {json.loads(x)["qid"]: x for x in (toy / mbeir.TRAIN_QUERY_FILE).read_text().splitlines()}
+    for qid in sorted(recs)[:3]:
+        q_item = decode.parse_row(q_lines[qid].encode(), "query", str(toy), instr, None, 0, *px)[1]
+        pairs = [
+            (q_item, decode.parse_row(json.dumps(pool[d]).encode(), "candidate", str(toy), instr, None, 0, *px)[1])
+            for d in recs[qid]["candidates"]
+        ]
+        np.testing.assert_allclose(reranker.score(pairs), recs[qid]["p_yes"], atol=1e-5)
+    quality = read_teacher_quality(res.teacher_path)
+    positives = {q: metas[q].positives for q in recs}
+    assert quality == teacher_quality(list(recs.values()), positives, held_out=False)
 
     # Restart: a lost shard is re-scored, the other is reused; the output does not change.
     shard0 = tmp_path / "t1" / "_shards" / "teacher-00000.json"

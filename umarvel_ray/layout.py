@@ -52,11 +52,13 @@ class RunLayout:
     def stage_model(self, stage: str) -> Path:
         return self.stage_dir(stage) / MODEL_DIR
 
-    def negatives_dir(self) -> Path:
-        return self.run_dir / NEGATIVES_DIR
+    def negatives_dir(self, consumer: str | None = None) -> Path:
+        """Stage 4's mined negatives (`negatives/`), or another consumer's own (`negatives_<consumer>/`,
+        e.g. the re-ranker's, mined from each task's local pool)."""
+        return self.run_dir / (NEGATIVES_DIR if consumer is None else f"{NEGATIVES_DIR}_{consumer}")
 
-    def negatives_file(self) -> Path:
-        return self.negatives_dir() / NEGATIVES_FILE
+    def negatives_file(self, consumer: str | None = None) -> Path:
+        return self.negatives_dir(consumer) / NEGATIVES_FILE
 
     def teacher_dir(self) -> Path:
         return self.run_dir / TEACHER_DIR

@@ -1,8 +1,13 @@
 """The whole U-MARVEL recipe as one restartable chain (`jobs/recipe.py`).
 
-data -> base model -> eval(base) -> stage1 -> stage2 -> stage3 -> eval(stage3) -> mine negatives
--> stage4 -> reranker (Yes/No judge on the mined negatives) -> teacher scores (stage-4 retrieval,
-cos + w * P(Yes)) -> stage5 (distillation) -> eval(final)
+data -> base model -> eval(base) -> stage1 -> eval -> stage2 -> eval -> stage3 -> eval -> mine
+negatives (union pool) -> stage4 -> eval -> mine the re-ranker's negatives (each task's local pool)
+-> reranker (Yes/No judge) -> teacher scores (stage-4 retrieval, cos + w * P(Yes), with its quality)
+-> stage5 (distillation, gated on the teacher's quality) -> eval -> eval with U-MARVEL+ reranking
+-> eval with MM-Embed zero-shot reranking (the base MLLM)
+
+Every evaluation is a row of the summary table (`recipe_summary.md`), local and global averages,
+with the per-task tables in `eval/<row>/mbeir.md`.
 
 Each step is one library call that writes its artefacts under `run_dir` and is skipped when its
 finished output is already there, so a killed pipeline resubmitted with the same config carries on
@@ -19,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.config import ConfigError, require_absolute, save_config
+from umarvel_ray.config import ConfigError, deep_update, from_dict, require_absolute, save_config, to_dict
 from umarvel_ray.eval.plan import EvalConfig
 from umarvel_ray.io import atomic_write_text
-from umarvel_ray.layout import RunLayout
+from umarvel_ray.layout import RERANKER_STAGE, RunLayout
 from umarvel_ray.mine.config import MineConfig
 from umarvel_ray.progress import summary
 from umarvel_ray.teacher.config import TeacherConfig
 from umarvel_ray.train.config import STAGE_ORDER, TrainJobConfig, stage_config
+from umarvel_ray.train.gate import skipped_reason
 from umarvel_ray.train.reranker import RerankerTrainConfig
 
 log = logging.getLogger("umarvel_ray.recipe")
@@ -36,16 +42,25 @@ STEPS: tuple[str, ...] = (
     "base_model",
     "eval_base",
     "stage1",
+    "eval_stage1",
     "stage2",
+    "eval_stage2",
     "stage3",
     "eval_stage3",
     "mine",
     "stage4",
+    "eval_stage4",
+    "mine_reranker",
     "reranker",
     "teacher",
     "stage5",
-    "eval_final",
+    "eval_stage5",
+    "eval_umarvel_plus",
+    "eval_zeroshot",
 )
+EVAL_STAGES = {f"eval_{s}": s for s in STAGE_ORDER}
+RERANK_EVALS = {"eval_umarvel_plus": "umarvel+", "eval_zeroshot": "zeroshot"}
+RERANKER_INITS = ("base", "stage3")
 TINY = "tiny"
 
 
@@ -64,6 +79,21 @@ class RecipeConfig:
         metadata={"path": "model", "help": "HF id or path of the base MLLM; 'tiny' builds the offline tiny Qwen2-VL"},
     )
     steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "steps to run, in order"})
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata={"help": "train queries held out of stages 3-4 and the re-ranker (data/holdout.py); the "
+                  "re-ranker's quality and the teacher's queries come from them (0 = none, the paper's choice)"},
+    )
+    reranker_init: str = field(
+        default="base",
+        metadata={"help": "the re-ranker's starting weights: base (the instruct MLLM, the paper's choice) | "
+                  "stage3 (the stage-3 merged model: for a base without world knowledge, like the tiny toy one)"},
+    )
+    reranker_mine: dict = field(
+        default_factory=lambda: {"pool": "local"},
+        metadata={"help": "MineConfig overrides (on top of `mine`) for the re-ranker's negatives: each task's "
+                  "local top-K of the stage-3 model, same modality (the paper's choice)"},
+    )
     train: TrainJobConfig = field(default_factory=TrainJobConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     reranker: RerankerTrainConfig = field(default_factory=RerankerTrainConfig)
@@ -76,6 +106,10 @@ class RecipeConfig:
             raise ConfigError(f"steps: unknown {unknown}; known: {list(STEPS)}")
         if self.toy_size not in ("", "small", "medium"):
             raise ConfigError(f"toy_size must be '', small or medium, got {self.toy_size!r}")
+        if self.reranker_init not in RERANKER_INITS:
+            raise ConfigError(f"reranker_init must be one of {RERANKER_INITS}, got {self.reranker_init!r}")
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            raise ConfigError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
 
 
 class MissingStageOutput(FileNotFoundError):
@@ -110,7 +144,8 @@ class Recipe:
         )
         stage4 = {"negatives_file": str(self.layout.negatives_file()), **job.stage4}
         stage5 = {"teacher_file": str(self.layout.teacher_file()), **job.stage5}
-        return dataclasses.replace(job, stage4=stage4, stage5=stage5)
+        common = {"holdout_fraction": self.cfg.holdout_fraction, **job.common}
+        return dataclasses.replace(job, common=common, stage4=stage4, stage5=stage5)
 
     def latest_model(self, before: str | None = None) -> str:
         """The model the chain has produced by `before` (all of it when None).
@@ -162,29 +197,52 @@ class Recipe:
             return
         run_stage(stage_config(self.train_job(), stage))
 
-    def _evaluate(self, name: str, model: str) -> None:
+    def _evaluate(self, name: str, model: str, **overrides: Any) -> None:
         from umarvel_ray.eval.evaluate import run_evaluation
 
         out = self.layout.eval_dir(name)
-        cfg = dataclasses.replace(self.cfg.eval, data_root=str(self.data_root), model=model, out_dir=str(out))
+        cfg = dataclasses.replace(
+            self.cfg.eval, data_root=str(self.data_root), model=model, out_dir=str(out), **overrides
+        )
         report = run_evaluation(cfg)
         self.scores[name] = {"model": model, **report.get("averages", {})}
+        if overrides:
+            self.scores[name]["rerank"] = {k: str(v) for k, v in overrides.items()}
 
     def step_eval_base(self) -> None:
         self._evaluate("base", self.base_model_dir)
 
-    def step_eval_stage3(self) -> None:
-        self._evaluate("stage3", self.latest_model(before="stage4"))
+    def _eval_stage(self, stage: str) -> None:
+        """The row after `stage`: its merged model (a stage the chain leaves out has no row)."""
+        if stage not in self.cfg.train.stages:
+            log.info("eval_%s: %s is not in train.stages, no row", stage, stage)
+            return
+        self._evaluate(stage, str(self.stage_model(stage)))
+        reason = skipped_reason(self.layout.stage_dir(stage))
+        if reason:
+            self.scores[stage]["skipped"] = reason
 
-    def step_eval_final(self) -> None:
-        self._evaluate("final", self.latest_model())
-
-    def step_mine(self) -> None:
+    def _eval_reranked(self, mode: str) -> None:
+        """The last stage's retrieval reranked: U-MARVEL+ with the trained re-ranker, or MM-Embed's
+        zero-shot judge (the untrained base MLLM, True/False prompt)."""
+        if mode == "umarvel+":
+            if not (self.reranker_dir / "config.json").exists():
+                raise MissingStageOutput(
+                    f"U-MARVEL+ reranking needs the trained re-ranker {self.reranker_dir}; run the reranker "
+                    "step first, or leave eval_umarvel_plus out of steps"
+                )
+            judge = str(self.reranker_dir)
+        else:
+            judge = self.base_model_dir
+        last = next((s for s in reversed(STAGE_ORDER) if s in self.cfg.train.stages), None)
+        name = f"{last or 'base'}_{'umarvel_plus' if mode == 'umarvel+' else mode}"
+        self._evaluate(name, self.latest_model(), rerank=mode, rerank_model=judge)
+    def _mine(self, out: Path, overrides: dict[str, Any]) -> None:
+        from umarvel_ray.data.artefacts import negatives_file
         from umarvel_ray.mine.run import run_mining
 
-        out = self.layout.negatives_dir()
-        if self.layout.negatives_file().exists():
-            log.info("mine: %s exists", self.layout.negatives_file())
+        if negatives_file(out).exists():
+            log.info("mine: %s exists", negatives_file(out))
             return
         cfg = dataclasses.replace(
             self.cfg.mine,
@@ -192,7 +250,33 @@ class Recipe:
             model=self.latest_model(before="stage4"),
             output_dir=str(out),
         )
+        if overrides:
+            data = to_dict(cfg)
+            deep_update(data, dict(overrides), "reranker_mine")
+            cfg = from_dict(MineConfig, data, "reranker_mine")
         run_mining(cfg)
+
+    def step_mine(self) -> None:
+        """Stage 4's negatives: the stage-3 model's top-K over the union pool (`mine`)."""
+        self._mine(self.layout.negatives_dir(), {})
+
+    def step_mine_reranker(self) -> None:
+        """The re-ranker's negatives: `mine` with `reranker_mine` on top (each task's local pool).
+
+        Same stage-3 model as `mine`, so the embeddings `mine` made (its summary.json names them)
+        are searched again rather than recomputed.
+        """
+        from umarvel_ray.io import read_json_or_none
+
+        union = read_json_or_none(self.layout.negatives_dir() / "summary.json") or {}
+        shared = {k: union[k] for k in ("query_embeddings", "pool_embeddings") if union.get(k)}
+        self._mine(self.layout.negatives_dir(RERANKER_STAGE), {**shared, **self.cfg.reranker_mine})
+
+    def reranker_negatives(self) -> Path:
+        """The re-ranker's own negatives when the chain mines them, else stage 4's."""
+        if "mine_reranker" in self.cfg.steps:
+            return self.layout.negatives_file(RERANKER_STAGE)
+        return self.layout.negatives_file()
 
     @property
     def reranker_dir(self) -> Path:
@@ -201,13 +285,16 @@ class Recipe:
     def step_reranker(self) -> None:
         from umarvel_ray.train.launch import run_reranker_training
 
+        init = self.base_model_dir if self.cfg.reranker_init == "base" else self.latest_model(before="stage4")
+        log.info("reranker: starts from %s (reranker_init=%s)", init, self.cfg.reranker_init)
         cfg = dataclasses.replace(
             self.cfg.reranker,
-            model=self.base_model_dir,
+            model=init,
             run_dir=str(self.run_dir),
             output=str(self.reranker_dir.parent),
             data_root=str(self.data_root),
-            negatives_file=str(self.layout.negatives_file()),
+            negatives_file=str(self.reranker_negatives()),
+            holdout_fraction=self.cfg.holdout_fraction,
         )
         run_reranker_training(cfg)
 
@@ -241,6 +328,7 @@ class Recipe:
             model=self.latest_model(before="stage5"),
             output_dir=str(self.layout.teacher_dir()),
             reranker=reranker,
+            holdout_fraction=self.cfg.holdout_fraction,
         )
 
     # ------------------------------------------------------------------ driver
@@ -257,10 +345,11 @@ class Recipe:
                 check_stage_inputs(stage_config(job, stage))
 
     def serve_command(self) -> str | None:
-        """The `serve run` command that serves the chain's final model over the evaluation's
-        global index (None until eval_final has built it)."""
-        index = self.layout.eval_dir("final") / "index" / "global"
-        embeddings = self.layout.eval_dir("final") / "embeddings" / "pool-global"
+        """The `serve run` command that serves the chain's final model over its evaluation's global
+        index (None until that evaluation has built it)."""
+        last = next((s for s in reversed(STAGE_ORDER) if s in self.cfg.train.stages), "base")
+        index = self.layout.eval_dir(last) / "index" / "global"
+        embeddings = self.layout.eval_dir(last) / "embeddings" / "pool-global"
         if not (index.with_name("global.meta.json").is_file() and (embeddings / "manifest.json").is_file()):
             return None
         args = [f"model_dir={self.latest_model()}", f"index_dir={index}", f"embeddings_dir={embeddings}"]
@@ -277,6 +366,10 @@ class Recipe:
             log.info("=== step %s", step)
             if step in STAGE_ORDER:
                 self._train(step)
+            elif step in EVAL_STAGES:
+                self._eval_stage(EVAL_STAGES[step])
+            elif step in RERANK_EVALS:
+                self._eval_reranked(RERANK_EVALS[step])
             else:
                 getattr(self, f"step_{step}")()
             self.timings[step] = round(time.perf_counter() - start, 1)
@@ -286,9 +379,9 @@ class Recipe:
     def write_summary(self) -> dict[str, Any]:
         result = {"run_dir": str(self.run_dir), "timings_s": self.timings, "scores": self.scores}
         atomic_write_text(self.layout.recipe_summary("json"), json.dumps(result, indent=2))
-        lines = ["| model | local avg | global avg |", "|---|---|---|"]
+        lines = ["| model | local avg | global avg | note |", "|---|---|---|---|"]
         for name, s in self.scores.items():
-            lines.append(f"| {name} | {_pct(s.get('local'))} | {_pct(s.get('global'))} |")
+            lines.append(f"| {name} | {_pct(s.get('local'))} | {_pct(s.get('global'))} | {_note(s)} |")
         table = "\n".join(lines)
         atomic_write_text(self.layout.recipe_summary("md"), table + "\n")
         print(table)
@@ -303,6 +396,16 @@ class Recipe:
             **{f"{k}_local": _pct(v.get("local")) for k, v in self.scores.items()},
         )
         return result
+
+
+def _note(score: dict[str, Any]) -> str:
+    """What a row is beyond its model: a skipped stage's reason, a reranked row's reranker."""
+    if score.get("skipped"):
+        return f"skipped: {score['skipped']}"
+    rerank = score.get("rerank")
+    if rerank:
+        return f"{rerank['rerank']} rerank by {Path(rerank['rerank_model']).parent.name}/{Path(rerank['rerank_model']).name}"
+    return ""
 
 
 def _pct(value: Any) -> str:

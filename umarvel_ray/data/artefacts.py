@@ -5,6 +5,8 @@ negatives.jsonl  one row per query with negatives: {"qid", "neg_dids": [did, ...
 no_negatives.jsonl  the queries left without any: {"qid", "task", "positives_in_topk", ...}
 teacher.jsonl    one row per sampled query: {"qid", "task", "weight", "candidates": [did, ...],
                  "cos": [float], "p_yes": [float], "scores": [float]} (scores = cos + weight * p_yes)
+teacher_quality.json  beside teacher.jsonl: how the teacher's ranking compares with cos alone on its
+                 queries' labelled positives (teacher/quality.py); stage 5's gate reads it
 
 Rows are sorted by the writer's caller; a reader given a directory reads the file inside it.
 """
@@ -23,6 +25,7 @@ from umarvel_ray.io import atomic_write_lines
 NEGATIVES_FILE = "negatives.jsonl"
 NO_NEGATIVES_FILE = "no_negatives.jsonl"
 TEACHER_FILE = "teacher.jsonl"
+TEACHER_QUALITY_FILE = "teacher_quality.json"
 
 
 def _jsonl(rows: Iterable[Mapping[str, Any]]) -> Iterable[str]:
@@ -91,15 +94,35 @@ def read_teacher(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return {str(r["qid"]): r for r in read_records(teacher_file(path))}
 
 
+def write_teacher_quality(out_dir: Path, quality: Mapping[str, Any]) -> Path:
+    """teacher_quality.json in `out_dir` (beside teacher.jsonl), atomically; returns its path."""
+    from umarvel_ray.io import atomic_write_json
+
+    path = out_dir / TEACHER_QUALITY_FILE
+    atomic_write_json(path, dict(quality))
+    return path
+
+
+def read_teacher_quality(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The quality record beside teacher.jsonl (`path`: the file or its directory); None when the
+    teacher was written without one."""
+    from umarvel_ray.io import read_json_or_none
+
+    return read_json_or_none(teacher_file(path).with_name(TEACHER_QUALITY_FILE))
+
+
 __all__ = [
     "NEGATIVES_FILE",
     "NO_NEGATIVES_FILE",
     "TEACHER_FILE",
+    "TEACHER_QUALITY_FILE",
     "negatives_file",
     "read_negatives",
     "read_teacher",
+    "read_teacher_quality",
     "read_teacher_rows",
     "teacher_file",
     "write_negatives",
     "write_teacher",
+    "write_teacher_quality",
 ]

@@ -10,6 +10,8 @@ from umarvel_ray.embed.train_pool import StepResult, TrainPoolInputs, check_trai
 from umarvel_ray.index.options import SearchOptions
 from umarvel_ray.mine.select import STRATEGIES
 
+POOLS = ("union", "local")  # where negatives come from: the whole train pool or the task's local pool
+
 
 @dataclass
 class MineConfig(SearchOptions, TrainPoolInputs):
@@ -24,6 +26,11 @@ class MineConfig(SearchOptions, TrainPoolInputs):
     depth: int = field(default=100, metadata={"help": "retrieval depth (top-k searched per query)"})
     num_negatives: int = field(default=5, metadata={"help": "negatives kept per query"})
     strategy: str = field(default="umarvel", metadata={"help": "umarvel | mmembed"})
+    pool: str = field(
+        default="union",
+        metadata={"help": "union (whole mixed-modality train pool) | local (each task's own local pool: "
+                  "same dataset, task's candidate modality; the re-ranker's negatives, docs/RECIPE.md s.3)"},
+    )
     max_score: float | None = field(
         default=None,
         metadata={"help": "drop candidates scoring above this (0.7 in the ablation); null = off"},
@@ -51,6 +58,8 @@ def validate_config(cfg: MineConfig) -> tuple[Path, Path, Path, Path]:
     """(data_root, query file, pool file, output dir) after checking the config."""
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+    if cfg.pool not in POOLS or (cfg.pool == "local" and cfg.strategy != "umarvel"):
+        raise ConfigError(f"pool must be one of {POOLS} (local with strategy=umarvel), got {cfg.pool!r}")
     if cfg.depth < 1 or cfg.num_negatives < 1 or cfg.search_batch < 1:
         raise ConfigError("depth, num_negatives and search_batch must be >= 1")
     if cfg.max_queries is not None and cfg.max_queries < 1:

@@ -12,6 +12,11 @@ Steps (the U-MARVEL recipe's hard-negative mining, and MM-Embed's modality-aware
    stream from their parquet shards; only the pool index is held in memory.
 3. `select_negatives` per query (`mine/select.py`, a pure function, unit tested on its own).
 
+With `pool=local` step 2 searches each task's own LOCAL pool instead (`index/local_pool.py`: same
+dataset, the task's candidate modality), so every negative is a same-modality distractor of the
+kind the re-ranker must judge (docs/RECIPE.md section 3: "a negative sampled from the stage-3
+model's local top-100"); queries whose task has no local pool get no negatives (listed).
+
 Outputs in `output_dir`: `negatives.jsonl` (`{"qid", "neg_dids", "n_candidates"}`, sorted by qid),
 `no_negatives.jsonl` (queries for which nothing was eligible: counted and listed, never silently
 dropped), `summary.json` (counts, per task too), `config.yaml`. The search and selection are not
@@ -168,6 +173,32 @@ def _search_and_select(cfg: MineConfig, inp: _Inputs) -> tuple[_Tally, int]:
     return tally, pool_size
 
 
+def _search_local(cfg: MineConfig, inp: _Inputs) -> tuple[_Tally, int]:
+    """`pool=local`: top-`depth` of every query over its task's local pool, then `select_negatives`.
+
+    Returns the tally and the size of the union pool the local pools are cut from.
+    """
+    from umarvel_ray.index.local_pool import retrieve_local
+    from umarvel_ray.store import read_embeddings
+
+    tally = _Tally()
+    metas = sorted(inp.metas.values(), key=lambda m: qid_sort_key(m.qid))
+    found, no_pool = retrieve_local(
+        metas, inp.q_dir, inp.p_dir, cfg.depth, cfg.index_backend, cfg.index_device,
+        cfg.index_shards, cfg.index_shard_cpus,
+    )  # fmt: skip
+    for rq in found:
+        tally.embedded.add(rq.meta.qid)
+        sel = select_negatives(
+            rq.candidates, rq.cos, rq.meta.positives, num=cfg.num_negatives, max_score=cfg.max_score
+        )
+        tally.add(rq.meta.qid, rq.meta, sel, cfg.num_negatives)
+    for qid in no_pool:
+        tally.embedded.add(qid)
+        tally.add(qid, inp.metas[qid], Selection([], 0), cfg.num_negatives)
+    return tally, len(read_embeddings(inp.p_dir, columns=("id",)).ids)
+
+
 def _write_summary(
     cfg: MineConfig,
     out: Path,
@@ -184,6 +215,7 @@ def _write_summary(
             "counts": counts,
             "per_task": dict(sorted(tally.per_task.items())),
             "strategy": cfg.strategy,
+            "pool": cfg.pool,
             "depth": cfg.depth,
             "num_negatives": cfg.num_negatives,
             "max_score": cfg.max_score,
@@ -219,7 +251,7 @@ def run_mining(cfg: MineConfig) -> MineResult:
     root, qf, pf, out = start_run(cfg, validate_config)
 
     inp = _embed_inputs(cfg, root, qf, pf, out)
-    tally, pool_size = _search_and_select(cfg, inp)
+    tally, pool_size = (_search_local if cfg.pool == "local" else _search_and_select)(cfg, inp)
     if tally.totals["unknown_qids"]:
         unknown = tally.totals["unknown_qids"]
         log.warning("%d query embeddings have no record in %s (ignored)", unknown, inp.q_input)
@@ -233,5 +265,5 @@ def run_mining(cfg: MineConfig) -> MineResult:
     if tally.empty:
         listed = out / NO_NEGATIVES_FILE
         log.warning("%d queries got no negatives at all (listed in %s)", len(tally.empty), listed)
-    line = summary(f"mine {cfg.strategy}", **counts, seconds=f"{seconds:.1f}", output=str(neg_path))
+    line = summary(f"mine {cfg.strategy} pool={cfg.pool}", **counts, seconds=f"{seconds:.1f}", output=str(neg_path))
     return MineResult(out, counts, seconds, line, negatives_path=neg_path)

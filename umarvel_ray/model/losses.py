@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,9 +40,12 @@ class LossOutput:
     backward_loss: Tensor
     accuracy: Tensor
     rows: int
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # diagnostics, detached (e.g. entropies)
 
     def detached(self) -> LossOutput:
-        return LossOutput(self.loss.detach(), self.backward_loss.detach(), self.accuracy.detach(), self.rows)
+        return LossOutput(
+            self.loss.detach(), self.backward_loss.detach(), self.accuracy.detach(), self.rows, self.metrics
+        )
 
 
 def stable_id(text: str) -> int:
@@ -161,10 +164,15 @@ def kl_distill(
 ) -> LossOutput:
     """KL(softmax(teacher / (2 tau)) || softmax(student_cos / tau)), mean over queries.
 
+    The U-MARVEL paper's distillation loss (docs/RECIPE.md section 3): the teacher score is
+    cos + w * P(Yes) of the stage-4 retriever and the re-ranker, at temperature 2 tau; the student
+    is the embedder's cos at its own tau.
     q: [B, D]; cands: [B*M, D] (or [B, M, D]) each query's own candidate list; teacher_scores: [B, M];
     mask: optional bool [B, M], True for real candidates (lists shorter than M are padded). No
     in-batch negatives. tau is detached on the teacher side so the target is not learned. Each rank
     returns its local mean; equal per-rank batches make DeepSpeed's gradient average the global mean.
+    `metrics` carries the mean entropies (nats) of the teacher's and the student's distributions:
+    a teacher much flatter than the student pulls the student's ranking flat.
     """
     b, m = teacher_scores.shape
     cands = cands.reshape(b, m, -1)
@@ -182,7 +190,14 @@ def kl_distill(
     loss = terms.sum(dim=1).mean()
     with torch.no_grad():
         acc = (student.argmax(dim=1) == teacher.argmax(dim=1)).float().mean()
-    return LossOutput(loss=loss, backward_loss=loss, accuracy=acc, rows=b)
+        metrics = {"teacher_entropy": _entropy(log_t), "student_entropy": _entropy(log_s)}
+    return LossOutput(loss=loss, backward_loss=loss, accuracy=acc, rows=b, metrics=metrics)
+
+
+def _entropy(log_p: Tensor) -> Tensor:
+    """Mean over rows of -sum p log p (nats); masked entries (log p = -inf) contribute 0."""
+    p = log_p.exp()
+    return -(p * log_p.masked_fill(p == 0, 0.0)).sum(dim=1).mean()
 
 
 class _RngState:

@@ -307,12 +307,24 @@ class Reranker(nn.Module):
         pos, neg = self.collator.answer_ids
         return self.answer_logits(batch)[:, [pos, neg]]
 
+    @staticmethod
+    def two_word_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of (B, 2) [positive word, negative word] logits; `positive` (B,) bool
+        says which word is right (class 0 when True, 1 when False). Float32 scalar."""
+        target = (~positive.to(torch.bool)).long().to(logits.device)
+        return nn.functional.cross_entropy(logits.float(), target)
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """SFT loss: full-vocabulary cross-entropy of the labelled answer token (mean over batch)."""
+        """SFT loss over the two answer words: cross-entropy of the (B, 2) [pos, neg] logits of
+        `forward` against the labelled answer (mean over the batch), i.e. -log P(Yes) for a 'Yes'
+        pair and -log P(No) for a 'No' pair with P = softmax over [Yes, No], the same two logits
+        `score` reads. A full-vocabulary cross-entropy would spend the gradient on pushing the
+        other ~150k words down, which says nothing about Yes versus No."""
         logits = self.answer_logits(batch)
         rows = torch.arange(logits.shape[0], device=logits.device)
         target = batch["labels"].to(logits.device)[rows, batch["answer_index"].to(logits.device) + 1]
-        return nn.functional.cross_entropy(logits, target)
+        pos, neg = self.collator.answer_ids
+        return self.two_word_loss(logits[:, [pos, neg]], target == pos)
 
     def score(self, pairs: list[tuple[dict, dict]], batch_size: int = 16) -> Any:
         """P(positive answer) per pair as float32 numpy, via softmax over the two answer logits."""

@@ -35,6 +35,11 @@ class TeacherConfig(SearchOptions, TrainPoolInputs):
         default=None, metadata={"help": "re-ranker dtype override (float32|bfloat16|auto)"}
     )
     fraction: float = field(default=0.1, metadata={"help": "fraction of each task's queries sampled"})
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata={"help": "sample only from the held-out train queries (data/holdout.py), the slice training "
+                  "left out; must equal the training stages' holdout_fraction (0 = any query, the paper's choice)"},
+    )
     min_per_task: int = field(default=1, metadata={"help": "at least this many queries per task"})
     max_per_task: int | None = field(
         default=None, metadata={"help": "at most this many queries per task (tests, smoke runs)"}
@@ -75,6 +80,8 @@ def validate_config(cfg: TeacherConfig) -> tuple[Path, Path, Path, Path]:
     """(data_root, query file, pool file, output dir) after checking the config."""
     if not 0.0 < cfg.fraction <= 1.0:
         raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
+    if not 0.0 <= cfg.holdout_fraction < 0.5:
+        raise ConfigError(f"holdout_fraction must be in [0, 0.5), got {cfg.holdout_fraction}")
     if cfg.min_per_task < 0 or (cfg.max_per_task is not None and cfg.max_per_task < 1):
         raise ConfigError("min_per_task must be >= 0 and max_per_task >= 1 (or null)")
     for name in ("top_k", "shard_queries", "decode_queries", "pairs_per_batch", "rerank_batch_size"):

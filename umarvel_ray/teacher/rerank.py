@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.index.local_pool import RetrievedQuery
 from umarvel_ray.rerank.actor import reranker_pixels
 from umarvel_ray.rerank.config import PairPoolConfig, RerankModel
 from umarvel_ray.rerank.pairs import PairInputs
 from umarvel_ray.rerank.pipeline import score_pairs
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.retrieve import RetrievedQuery
 
 log = logging.getLogger("umarvel_ray.teacher")
 

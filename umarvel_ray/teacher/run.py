@@ -5,7 +5,7 @@
    at most `max_per_task`.
 2. Embed the sampled queries and the union training pool with the (stage-4) embedder through the
    Ray Data embedding pipeline (restartable; reused when complete).
-3. Per task, exact top-`top_k` (50) over that task's LOCAL training pool (`teacher/retrieve.py`).
+3. Per task, exact top-`top_k` (50) over that task's LOCAL training pool (`index/local_pool.py`).
 4. P(Yes) of the re-ranker for every (query, candidate) pair (`teacher/rerank.py`, the Ray Data
    re-ranker pipeline), restartable by shard (`teacher/shards.py`).
 5. teacher score = cos + w * P(Yes), w per task (`task_weights`, default `default_weight`;
@@ -14,7 +14,8 @@
 
 Outputs in `output_dir`: `teacher.jsonl` (one line per query, sorted by qid:
 `{"qid", "task", "weight", "candidates", "cos", "p_yes", "scores"}`; `p_yes` is null without a
-re-ranker), `summary.json`, `config.yaml`, and the re-ranker's `_shards/` (its restart unit).
+re-ranker), `teacher_quality.json` (fused vs cos on the labelled positives, `teacher/quality.py`),
+`summary.json`, `config.yaml`, and the re-ranker's `_shards/` (its restart unit).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from umarvel_ray.data.artefacts import write_teacher
+from umarvel_ray.data.artefacts import write_teacher, write_teacher_quality
+from umarvel_ray.data.holdout import is_heldout
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key, read_query_meta
 from umarvel_ray.embed.ensure import ensure_embeddings, subset_input
 from umarvel_ray.embed.train_pool import SUMMARY_NAME, start_run
+from umarvel_ray.index.local_pool import retrieve_local
 from umarvel_ray.io import atomic_write_json
 from umarvel_ray.teacher.config import TeacherConfig, TeacherResult, validate_config
-from umarvel_ray.teacher.retrieve import retrieve_local
+from umarvel_ray.teacher.quality import describe, teacher_quality
 from umarvel_ray.teacher.sample import sample_lines, stratified_sample
 from umarvel_ray.teacher.scores import Records, teacher_records
 from umarvel_ray.teacher.shards import Scored, score_shards
@@ -88,6 +91,18 @@ def _write_summary(
     )
 
 
+def _sample(cfg: TeacherConfig, metas: dict[str, QueryMeta]) -> dict[str, list[str]]:
+    """The stratified sample; with `holdout_fraction` > 0 drawn from the held-out slice only, so the
+    teacher distils queries stages 3-4 and the re-ranker never trained on. `fraction` stays a
+    fraction of all of a task's queries (at most the whole held-out slice)."""
+    if cfg.holdout_fraction <= 0:
+        return stratified_sample(metas, cfg.fraction, cfg.seed, cfg.min_per_task, cfg.max_per_task)
+    held = {q: m for q, m in metas.items() if is_heldout(q, cfg.holdout_fraction)}
+    share = min(1.0, cfg.fraction / cfg.holdout_fraction)
+    log.info("sampling from the %d held-out queries (holdout_fraction %s)", len(held), cfg.holdout_fraction)
+    return stratified_sample(held, share, cfg.seed, cfg.min_per_task, cfg.max_per_task)
+
+
 def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     """Sample, embed, retrieve top-k per local pool, score with the re-ranker; write teacher.jsonl."""
     from umarvel_ray.progress import summary
@@ -96,7 +111,7 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     root, qf, pf, out = start_run(cfg, validate_config)
 
     metas, _, n_read, invalid = read_query_meta(qf)
-    sample = stratified_sample(metas, cfg.fraction, cfg.seed, cfg.min_per_task, cfg.max_per_task)
+    sample = _sample(cfg, metas)
     chosen = sorted((metas[q] for qids in sample.values() for q in qids), key=lambda m: m.offset)
     log.info("sampled %d of %d queries over %d tasks", len(chosen), len(metas), len(sample))
     q_dir, p_dir = _embed_sample(cfg, root, qf, pf, out, chosen)
@@ -108,6 +123,9 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
     scored = score_shards(cfg, found, root, qf, pf, out) if cfg.reranker else Scored()
     recs = teacher_records(cfg, found, scored.p_yes)
     teacher_path = write_teacher(out, recs.records)
+    quality = teacher_quality(recs.records, {q: m.positives for q, m in metas.items()}, cfg.holdout_fraction > 0)
+    write_teacher_quality(out, quality)
+    log.info("%s", describe(quality))
     seconds = time.perf_counter() - t0
     counts: dict[str, Any] = {
         "queries_read": n_read,
@@ -123,6 +141,8 @@ def run_teacher_scoring(cfg: TeacherConfig) -> TeacherResult:
         "shards_written": scored.shards_written,
         "shards_skipped": scored.shards_skipped,
         "reranker": cfg.reranker or "none (teacher = cos only)",
+        "cos_mrr": quality["cos"]["mrr"],
+        "fused_mrr": quality["fused"]["mrr"],
     }
     _write_summary(cfg, out, counts, recs, sample, (q_dir, p_dir), no_pool, seconds)
     if not cfg.reranker:

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from umarvel_ray.index.local_pool import RetrievedQuery
 from umarvel_ray.model.fusion import fused_scores, task_weight
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.retrieve import RetrievedQuery
 
 
 def teacher_scores(cos: Sequence[float], p_yes: Sequence[float] | None, weight: float) -> list[float]:

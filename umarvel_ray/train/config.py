@@ -51,6 +51,9 @@ class LoraRunConfig:
     pool_file: str = option("cand_pool/global/mbeir_union_train_cand_pool.jsonl", "candidate pool (mbeir)", path="data")
     instructions_file: str = option("instructions/query_instructions.tsv", "query instructions tsv (mbeir)", path="data")
     max_examples: int = option(0, "use only the first N examples (0 = all); for quick runs")
+    holdout_fraction: float = option(
+        0.0, "M-BEIR train queries held out of training by a hash of the qid (data/holdout.py); the "
+        "re-ranker's quality check and the distillation teacher use them (0 = none: the paper's choice)")
     # --- model / LoRA
     lora_r: int = option(128, "LoRA rank")
     lora_alpha: int = option(256, "LoRA alpha")
@@ -86,6 +89,8 @@ class LoraRunConfig:
             raise ConfigError(f"zero_stage must be 0..3, got {self.zero_stage}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            raise ConfigError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
 
     # ---------------------------------------------------------------- derived paths
     @property
@@ -142,6 +147,9 @@ class TrainConfig(LoraRunConfig):
     learn_tau: bool = option(True, "learn log(tau) (frozen in stages 1-2)")
     inherit_tau: bool = option(True, "start from the tau stored with the input model when it has one")
     mask_false_negatives: bool = option(True, "remove in-batch candidates equal to a row's positive")
+    teacher_gate: bool = option(
+        True, "distill: train only when the teacher's fused ranking beats cos alone on its queries "
+        "(teacher_quality.json); otherwise the stage keeps its starting model and says why (train/gate.py)")
     # --- model
     embedder: dict = option(
         {}, "extra EmbedderConfig overrides, e.g. {pooling: mean, inputs: {max_pixels: 2352}}"

@@ -144,6 +144,9 @@ def read_query_files(paths: Path | Sequence[Path], upsample_min: int = 0) -> lis
 class MBEIRTrain:
     """Stage 3/4: M-BEIR union train queries; a seeded positive + instruction per query per epoch.
 
+    `split` picks the queries of `holdout_fraction`'s slice (data/holdout.py): `train` (the
+    default: held-out queries are left out), `heldout` or `all`.
+
     With `negatives_path` (stage 4, {qid, neg_dids}) each example carries `num_negatives` mined
     negatives, sampled per epoch without replacement (cycled when a list is shorter); labelled
     positives are never used as negatives, and queries without any negative are dropped (logged).
@@ -159,10 +162,13 @@ class MBEIRTrain:
         num_negatives: int = 0,
         limit: int = 0,
         upsample_min: int = 0,
+        holdout_fraction: float = 0.0,
+        split: str = "train",
     ) -> None:
+        from umarvel_ray.data.holdout import split_queries
         from umarvel_ray.data.instructions import read_instructions
 
-        self.queries = read_query_files(queries_path, upsample_min)
+        self.queries = split_queries(read_query_files(queries_path, upsample_min), holdout_fraction, split)
         if limit:
             self.queries = self.queries[:limit]
         self.pool = _Pool(pool_path)
@@ -292,6 +298,7 @@ def build_source(cfg: TrainConfig) -> NLIPairs | CaptionPairs | MBEIRTrain | Dis
             num_negatives=cfg.num_negatives,
             limit=limit,
             upsample_min=cfg.upsample_min,
+            holdout_fraction=cfg.holdout_fraction,
         )
     if not cfg.teacher_file:
         raise ValueError("distillation needs teacher_file ({qid, candidates, scores} jsonl)")

@@ -208,18 +208,28 @@ class EmbedderTask:
         out, grad_norm = train_step(engine, batch, make_loss_fn(self.cfg, batch))
         loss = out.loss.detach().float()
         world = self.where.world
-        if self.cfg.objective == "distill" and world > 1:  # local mean per rank -> global mean for logging
-            dist.all_reduce(loss)
-            loss /= world
-        return StepResult(float(loss), float(out.accuracy), self.global_batch, {"grad_norm": grad_norm})
+        extra: dict[str, Any] = {"grad_norm": grad_norm}
+        if self.cfg.objective == "distill":  # local means per rank -> global means for logging
+            stats = torch.stack([loss, *(v.detach().float().to(loss.device) for v in out.metrics.values())])
+            if world > 1:
+                dist.all_reduce(stats)
+                stats /= world
+            loss = stats[0]
+            extra.update({k: round(float(v), 4) for k, v in zip(out.metrics, stats[1:], strict=True)})
+        return StepResult(float(loss), float(out.accuracy), self.global_batch, extra)
 
     def log_metrics(self) -> dict[str, Any]:
         return {"tau": current_tau(self.embedder, self.cfg.zero_stage)}
 
     def step_message(self, m: dict[str, Any], total: int) -> str:
+        entropies = (
+            f" H(teacher) {m['teacher_entropy']:.3f} H(student) {m['student_entropy']:.3f}"
+            if "teacher_entropy" in m
+            else ""
+        )
         return (
             f"{self.cfg.stage} step {m['step']}/{total} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
-            f"tau {m['tau']:.4f} lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s"
+            f"tau {m['tau']:.4f}{entropies} lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s"
         )
 
     def merge(self, engine: Any, out: Path) -> dict[str, Any]:

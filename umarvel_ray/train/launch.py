@@ -86,7 +86,18 @@ def stage_done(cfg: TrainConfig) -> bool:
 
 
 def run_stage(cfg: TrainConfig, force: bool = False) -> Path:
-    """Train one stage with Ray Train (skipped when already done); returns `<run>/<stage>/model`."""
+    """Train one stage with Ray Train (skipped when already done); returns `<run>/<stage>/model`.
+
+    A distillation stage whose teacher does not beat cos (train/gate.py) is finished without
+    training: its model is its starting model, and the log and train_summary.json say why.
+    """
+    from umarvel_ray.train.gate import gate_reason, skip_stage
+
+    if not (stage_done(cfg) and not force):
+        check_start_model(cfg)
+        reason = gate_reason(cfg)
+        if reason is not None:
+            return skip_stage(cfg, reason)
     loop = embedder.train_loop_per_worker
     result = run_trainer(loop, cfg, lambda: stage_done(cfg), lambda: check_start_model(cfg), force)
     if result is not None:

@@ -2,9 +2,20 @@
 
 docs/RECIPE.md section 3: every training query gives one pair (query, positive)
 labelled "Yes" and `negatives_per_positive` pairs (query, mined negative) labelled "No", the
-negatives coming from the stage-3 model's top-100 (jobs/mine_negatives.py output, {qid, neg_dids}). The
-loss is the SFT cross-entropy of the answer token (`Reranker.loss`); the score at inference is
-P(Yes).
+negatives coming from the stage-3 model's local top-100 (jobs/mine_negatives.py pool=local output,
+{qid, neg_dids}: same-task, same-modality distractors, the kind the judge sees at teacher and eval
+time). The loss is the cross-entropy over the two answer words' logits (`Reranker.loss`: softmax
+over [Yes, No]); the score at inference is P(Yes) from the same two logits.
+
+Initialisation: `model` is the judge's start, either the base VLM (the paper) or the trained
+stage-3 embedder's merged dir (the toy: a tiny random base knows nothing, the stage-3 model has
+learned the toy's queries and candidates). Both are plain Qwen2-VL dirs; the judge always runs
+causally with the LM head (`Reranker.answer_logits`), whatever attention the embedder used.
+
+Held-out quality (reranker_heldout.py): with `holdout_fraction` > 0 training uses the `train`
+split only and, after the merge, rank 0 scores the held-out queries' (positive, negatives) pairs;
+the pairwise accuracy and mean P(Yes) go to train_summary.json ("heldout"), a log line and the
+job's SUMMARY line.
 
 Data order: the pairs of all queries are flattened (pair `p` = query `p // (1+k)`, slot
 `p % (1+k)`, slot 0 = the positive) and planned with `ShardPlan`, so epoch `e` visits a seeded
@@ -55,6 +66,12 @@ class RerankerTrainConfig(LoraRunConfig):
         "a '{run_dir}' path is taken as is, other relative paths resolve under data_root", path="data")
     negatives_per_positive: int = option(1, "'No' pairs per query per epoch (one 'Yes' pair each)")
     max_examples: int = option(0, "use only the first N training queries (0 = all)")
+    heldout_max_queries: int = option(
+        1000, "held-out queries scored after training when holdout_fraction > 0 (0 = all of them)")
+    heldout_negatives: int = option(
+        0, "held-out pairs use each query's first N mined negatives (mining keeps rank order: the N "
+        "hardest); 0 = all of them")
+    heldout_batch: int = option(16, "pairs per forward when scoring the held-out queries")
     per_device_batch: int = option(8, "pairs per worker per step")
     # --- model
     judge: str = option("yes_no", "yes_no (U-MARVEL) | true_false (MM-Embed prompt)")
@@ -63,8 +80,10 @@ class RerankerTrainConfig(LoraRunConfig):
     def __post_init__(self) -> None:
         if self.judge not in ("yes_no", "true_false"):
             raise ConfigError(f"judge must be yes_no or true_false, got {self.judge!r}")
-        if self.per_device_batch < 1 or self.negatives_per_positive < 1:
-            raise ConfigError("per_device_batch and negatives_per_positive must be >= 1")
+        if self.per_device_batch < 1 or self.negatives_per_positive < 1 or self.heldout_batch < 1:
+            raise ConfigError("per_device_batch, negatives_per_positive and heldout_batch must be >= 1")
+        if self.heldout_max_queries < 0 or self.heldout_negatives < 0:
+            raise ConfigError("heldout_max_queries and heldout_negatives must be >= 0")
         if self.log_every < 1 or self.save_every < 1:
             raise ConfigError("log_every and save_every must be >= 1")
         super().__post_init__()
@@ -120,6 +139,8 @@ class RerankPairs:
             negatives_path=neg,
             num_negatives=self.k,
             limit=cfg.max_examples,
+            holdout_fraction=cfg.holdout_fraction,
+            split="train",
         )
         if len(self.queries) == 0:
             raise ValueError(f"no training query has both a positive and a mined negative ({neg})")
@@ -252,9 +273,14 @@ class RerankerTask:
 
     def build_module(self, where: Placement) -> tuple[nn.Module, bool]:
         from umarvel_ray.model.reranker import Reranker
+        from umarvel_ray.model.saved import EMBEDDER_META_FILE
 
         self.where = where
         rr_cfg = reranker_config(self.cfg, where.use_gpu)
+        if where.rank == 0:
+            embedder = (Path(rr_cfg.model) / EMBEDDER_META_FILE).is_file()
+            start = "a trained embedder's (e.g. stage 3)" if embedder else "base"
+            log.info("reranker: initialised from %s weights at %s (causal, LM head)", start, rr_cfg.model)
         self.reranker = Reranker.build(rr_cfg)
         return JudgeModule(self.reranker), rr_cfg.dtype == "bfloat16"
 
@@ -302,9 +328,16 @@ class RerankerTask:
         )
 
     def merge(self, engine: Any, out: Path) -> dict[str, Any]:
-        """The judge's LoRA merged into `out` (with umarvel_reranker.json)."""
+        """The judge's LoRA merged into `out` (with umarvel_reranker.json); with a held-out split,
+        its held-out pairs scored by that merged judge (in memory, rank 0: reranker_heldout.py)."""
         self.reranker.merge_and_save(out)
-        return {}
+        if self.cfg.holdout_fraction <= 0:
+            return {}
+        from umarvel_ray.train.reranker_heldout import heldout_message, score_heldout
+
+        held = score_heldout(self.cfg, self.reranker)
+        log.info("%s", heldout_message(held))
+        return {"heldout": held}
 
 
 def train_loop_per_worker(config: dict[str, Any] | RerankerTrainConfig) -> None:

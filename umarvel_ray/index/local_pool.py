@@ -1,4 +1,4 @@
-"""Retrieval over each task's LOCAL training pool.
+"""Retrieval over each task's LOCAL training pool (the teacher's candidates, mining's pool=local).
 
 M-BEIR ships no local train pool files, so a task's local pool is the union train pool restricted
 to candidates whose did dataset id equals the task's dataset id and whose modality equals the
@@ -18,7 +18,7 @@ import numpy as np
 from umarvel_ray.data import catalogue, mbeir
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key
 
-log = logging.getLogger("umarvel_ray.teacher")
+log = logging.getLogger("umarvel_ray.index")
 
 
 @dataclass
