@@ -28,7 +28,7 @@ FLOORS: dict[str, int] = {
     "config": 0, "io": 0, "progress": 0, "procmem": 0,
     "runtime": 1, "store": 1, "data": 1,
     "model": 2, "index": 2, "layout": 2,
-    "embed": 3, "train": 3,
+    "embed": 3, "train": 3, "rerank": 3,
     "eval": 4, "mine": 4, "teacher": 4, "serve": 4,
     "recipe": 5, "cli": 5, "ablation": 5,
 }  # fmt: skip

@@ -26,8 +26,8 @@ from umarvel_ray.eval.plan import EvalConfig, InputError, plan_indexes, plan_tas
 from umarvel_ray.index import NonFiniteVectorError, build_index
 from umarvel_ray.index.factory import factory_for_pool, min_train_vectors
 from umarvel_ray.index.faiss_index import FaissIndex
+from umarvel_ray.rerank.offsets import scan_offsets
 from umarvel_ray.store import read_embeddings, shard_name, write_manifest, write_shard
-from umarvel_ray.teacher.offsets import scan_offsets
 
 P3 = "cand_pool/local/mbeir_mscoco_task3_cand_pool.jsonl"
 Q0_IDS = ["9:0", "9:1", "9:2"]

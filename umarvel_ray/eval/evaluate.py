@@ -7,10 +7,15 @@
     evaluate_stage(cfg, plan, emb)  indexes under out_dir/index, search, metrics, TREC runs
                                     (search.py), then the report and the SUMMARY line
 
-`run_evaluation(cfg)` chains the three.
+    eval.rerank.rerank_heads        with rerank=umarvel+|zeroshot: each query's top-K reordered by
+                                    the re-ranker (Ray Data actors), then scored again
+
+`run_evaluation(cfg)` chains them.
 
 Output layout (out_dir): config.yaml, embeddings/{queries-*,pool-global,pool-local-<task>}/,
-index/global.*, index/local/<task>.*, runs/<task>.<pool>.trec, mbeir.json, mbeir.md.
+index/global.*, index/local/<task>.*, runs/<task>.<pool>.trec, mbeir.json, mbeir.md; reranked:
+mbeir.json/md hold the reranked numbers, retrieval.json/md the first stage's, and
+rerank/runs/<task>.<pool>.trec the reranked runs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from umarvel_ray.eval.plan import (
     plan_tasks,
     pool_sizes,
 )
-from umarvel_ray.eval.report import POOLS, report_dict, write_report
+from umarvel_ray.eval.report import POOLS, report_dict, run_path, write_report, write_trec_run
+from umarvel_ray.eval.rerank import Reranked, rerank_heads
+from umarvel_ray.eval.rerank_options import rerank_label, rerank_settings
 from umarvel_ray.eval.search import Searched, search_pools
 
 log = logging.getLogger("umarvel_ray.eval")
@@ -57,28 +64,70 @@ def _report_settings(cfg: EvalConfig, plan: EvalPlan, skipped: dict[str, str]) -
     }
 
 
+def _averages(results: Any) -> dict[str, float | None]:
+    return {p: macro_average(r[p].hit for r in results.values() if p in r) for p in POOLS}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _write_reranked(
+    cfg: EvalConfig, plan: EvalPlan, searched: Searched, reranked: Reranked, settings: dict[str, Any]
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """A reranked evaluation's files: the first-stage table as retrieval.json/md, the reranked one
+    as mbeir.json/md (titled with the reranker, K and w), the reranked runs under rerank/runs/."""
+    first = write_report(
+        plan.out_dir, searched.results, settings=settings, task_settings=searched.task_settings,
+        tasks=plan.expected, name="retrieval", title="First stage (before reranking)",
+    )  # fmt: skip
+    settings = {**settings, "rerank": {**rerank_settings(cfg), "pairs": reranked.counts}}
+    paths = write_report(
+        plan.out_dir, reranked.results, settings=settings, task_settings=searched.task_settings,
+        tasks=plan.expected, title=rerank_label(cfg),
+    )  # fmt: skip
+    if cfg.write_runs:
+        for (task, pool), run in reranked.runs.items():
+            write_trec_run(run_path(plan.out_dir / "rerank", task, pool), run, f"{cfg.run_id}-{pool}-rerank")
+    paths.update({"retrieval_json": first["json"], "retrieval_markdown": first["markdown"]})
+    return paths, settings
+
+
 def finish_report(
-    cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet, searched: Searched, t0: float
+    cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet, searched: Searched, t0: float, reranked: Reranked | None = None
 ) -> dict[str, Any]:
     """Write mbeir.json / mbeir.md and return the report dict with the SUMMARY line, the rejected
-    rows, and what was embedded / reused / built (`t0`: when the search began)."""
+    rows, and what was embedded / reused / built (`t0`: when the search began).
+
+    With `reranked`, mbeir.* hold the reranked numbers (`averages`, `results`) and the first stage
+    goes to retrieval.* (`retrieval_averages`, `retrieval_results` in the dict)."""
     from umarvel_ray.progress import summary
 
-    results, skipped = searched.results, searched.skipped
+    skipped = searched.skipped
     settings = _report_settings(cfg, plan, skipped)
-    task_settings = searched.task_settings
-    paths = write_report(plan.out_dir, results, settings=settings, task_settings=task_settings, tasks=plan.expected)
-    report = report_dict(results, plan.expected, settings=settings, task_settings=task_settings)
-    avg = {p: macro_average(r[p].hit for r in results.values() if p in r) for p in POOLS}
+    if reranked is None:
+        results = searched.results
+        paths = write_report(
+            plan.out_dir, results, settings=settings, task_settings=searched.task_settings, tasks=plan.expected
+        )
+    else:
+        results = reranked.results
+        paths, settings = _write_reranked(cfg, plan, searched, reranked, settings)
+    report = report_dict(results, plan.expected, settings=settings, task_settings=searched.task_settings)
+    avg, first = _averages(results), _averages(searched.results)
     rejected = embedding_rejects(emb)
     for r in rejected[:20]:
         log.warning("rejected at embedding: %s", r)
+    extra = {} if reranked is None else {
+        "rerank": cfg.rerank, "retrieval_local_avg": _pct(first["local"]), "retrieval_global_avg": _pct(first["global"]),
+    }  # fmt: skip
     line = summary(
         "evaluate",
         tasks=len(results),
         rows_rejected=len(rejected),
-        local_avg="-" if avg["local"] is None else f"{100 * avg['local']:.2f}",
-        global_avg="-" if avg["global"] is None else f"{100 * avg['global']:.2f}",
+        local_avg=_pct(avg["local"]),
+        global_avg=_pct(avg["global"]),
+        **extra,
         local_tasks=report["averages"]["local"]["n_tasks"],
         global_tasks=report["averages"]["global"]["n_tasks"],
         skipped=len(skipped),
@@ -102,12 +151,23 @@ def finish_report(
             "results": results,
         }
     )
+    if reranked is not None:
+        first_dict = report_dict(searched.results, plan.expected)
+        report.update(
+            {
+                "retrieval_averages": first_dict["averages"],
+                "retrieval_results": searched.results,
+                "rerank": {**rerank_settings(cfg), "pairs": reranked.counts, "summary": reranked.summary},
+            }
+        )
     return report
 
 
 def _search_and_report(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet, service: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    return finish_report(cfg, plan, emb, search_pools(cfg, plan, emb, service), t0)
+    searched = search_pools(cfg, plan, emb, service)
+    reranked = rerank_heads(cfg, plan, searched.heads) if cfg.rerank != "none" else None
+    return finish_report(cfg, plan, emb, searched, t0, reranked)
 
 
 def evaluate_stage(cfg: EvalConfig, plan: EvalPlan, emb: EmbeddingSet) -> dict[str, Any]:
@@ -131,7 +191,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
     Returns the report dict (`tasks`, `averages`, `settings`, as in mbeir.json) plus `summary`
     (the SUMMARY line), `skipped`, `paths`, what was embedded / reused / built, and `results`
-    ({task: {pool: RetrievalMetrics}}).
+    ({task: {pool: RetrievalMetrics}}). With rerank != none, `averages` / `results` are the
+    reranked numbers and `retrieval_averages` / `retrieval_results` the first stage's; `rerank`
+    holds the reranker's settings, pair counts and its SUMMARY line.
     """
     require_absolute(cfg)
     check_model_dir(cfg.model, "model")

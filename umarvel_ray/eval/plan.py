@@ -25,6 +25,7 @@ from umarvel_ray.data.model_items import TEXT_RULES
 from umarvel_ray.data.tasks import discover_tasks, expected_tasks, union_test_pool
 from umarvel_ray.embed.config import EmbedConfig
 from umarvel_ray.eval.report import POOLS
+from umarvel_ray.eval.rerank_options import RerankOptions, check_rerank_depth, check_rerank_options
 from umarvel_ray.index.factory import RULE, factory_for_pool
 from umarvel_ray.index.options import SearchOptions, check_search_options
 
@@ -34,12 +35,13 @@ LOCAL_SOURCES = ("auto", "global", "local")
 
 
 @dataclass
-class EvalConfig(SearchOptions):
+class EvalConfig(SearchOptions, RerankOptions):
     """Settings of one M-BEIR evaluation (`jobs/evaluate.py --config CFG key=value ...`).
 
     Where the indexes live and run is `SearchOptions` (index_backend, index_device, index_shards,
     index_shard_cpus); how the inputs are embedded is the nested `embed` section, as for mining
-    and teacher scoring.
+    and teacher scoring; reranking of each query's top-K is `RerankOptions` (rerank, rerank_model,
+    rerank_top_k, rerank_weight, rerank_task_weights, ..., the `rerank_pool` section).
     """
 
     data_root: str = field(default="", metadata={"path": "cwd", "help": "M-BEIR root (query/, cand_pool/, qrels/, images)"})
@@ -193,6 +195,7 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"run_id must be a non-empty token without spaces, got {cfg.run_id!r}")
     if cfg.embed.text_rule not in TEXT_RULES:
         raise ConfigError(f"embed.text_rule must be one of {TEXT_RULES}, got {cfg.embed.text_rule!r}")
+    check_rerank_options(cfg)
 
 
 def instruction_settings(cfg: EvalConfig) -> dict[str, Any]:
@@ -283,6 +286,7 @@ def plan_tasks(cfg: EvalConfig) -> EvalPlan:
     tasks = [t for spec in wanted if (t := _plan_task(cfg, spec, root, global_file, skipped)) is not None]
     depth = max(int(k) for k in cfg.k)
     depth = max([depth, *(t.spec.k for t in tasks)])
+    check_rerank_depth(cfg, depth)
     for key, why in skipped.items():
         log.warning("skipped %s: %s", key, why)
     return EvalPlan(

@@ -26,6 +26,7 @@ from umarvel_ray.eval.embeddings import EmbeddingSet
 from umarvel_ray.eval.metrics import RetrievalMetrics, evaluate_run, run_from_search
 from umarvel_ray.eval.plan import EvalConfig, EvalPlan, TaskPlan
 from umarvel_ray.eval.report import run_path, write_trec_run
+from umarvel_ray.eval.rerank import Head
 from umarvel_ray.io import atomic_write_json, read_json_or_none
 from umarvel_ray.store import PoolEmbeddings, manifest_digest
 
@@ -156,6 +157,7 @@ class Searched:
     skipped: dict[str, str]
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    heads: dict[tuple[str, str], Head] = field(default_factory=dict)  # (task, pool) -> top-K to rerank
 
 
 def search_and_score(
@@ -167,16 +169,26 @@ def search_and_score(
     queries: QueryVectors,
     qrels: Mapping[str, set[str]],
     pool_ids: set[str],
+    heads: dict[tuple[str, str], Head] | None = None,
+    pool_file: Path | None = None,
 ) -> tuple[RetrievalMetrics, dict[str, Any]]:
     """Search task `t`'s embedded queries in `index`, score the run, write it as a TREC file;
-    returns the metrics and what the report records of this (task, pool)."""
+    returns the metrics and what the report records of this (task, pool).
+
+    With reranking on, the search goes `rerank_top_k` deep and the top-K go to `heads` (with
+    `pool_file`, where the candidates' lines are read); the metrics and the run file stay those of
+    the first `plan.depth`, as without reranking."""
     qids, qvecs = queries[t.name]
+    keep = cfg.rerank_top_k if cfg.rerank != "none" and heads is not None else 0
+    depth = max(plan.depth, keep)
     t0 = time.perf_counter()
     if qids:
-        scores, ids = index.search_arrays(qvecs, plan.depth, batch_size=cfg.search_batch_size)
+        scores, ids = index.search_arrays(qvecs, depth, batch_size=cfg.search_batch_size)
     else:
-        scores, ids = np.zeros((0, plan.depth), np.float32), np.zeros((0, plan.depth), object)
-    run = run_from_search(qids, scores, ids)
+        scores, ids = np.zeros((0, depth), np.float32), np.zeros((0, depth), object)
+    run = run_from_search(qids, scores[:, : plan.depth], [row[: plan.depth] for row in ids])
+    if keep and heads is not None and pool_file is not None:
+        heads[(t.name, pool)] = Head(run_from_search(qids, scores[:, :keep], [r[:keep] for r in ids]), pool_ids, pool_file)
     metrics = evaluate_run(run, qrels, t.spec.k, pool_ids=pool_ids, queries=t.qids, extra_ks=cfg.k)
     info: dict[str, Any] = {
         "pool_size": len(index),
@@ -225,7 +237,7 @@ def local_pass(
             continue
         index = ensure_index(cfg, idx_dir / "local" / t.name, src, subset, store, out.built, out.reused, service)
         m, info = search_and_score(
-            cfg, plan, t, "local", index, queries, qrels[t.name], set(index.ids.tolist())
+            cfg, plan, t, "local", index, queries, qrels[t.name], set(index.ids.tolist()), out.heads, t.pool_file
         )
         out.results[t.name]["local"] = m
         missing = len(set(wanted)) - len(index)
@@ -259,7 +271,9 @@ def global_pass(
         index = ensure_index(cfg, path, emb.global_pool, None, None, out.built, out.reused, service)
         gids = set(index.ids.tolist())
         for t in global_tasks:
-            m, info = search_and_score(cfg, plan, t, "global", index, queries, qrels[t.name], gids)
+            m, info = search_and_score(
+                cfg, plan, t, "global", index, queries, qrels[t.name], gids, out.heads, plan.global_pool_file
+            )
             out.results[t.name]["global"] = m
             out.task_settings[t.name]["global"] = {"pool_file": str(plan.global_pool_file), **info}
         del index

@@ -1,18 +1,12 @@
-"""U-MARVEL+ rerank fusion: final score = retrieval cosine + w * P(Yes)."""
+"""U-MARVEL+ rerank fusion for the ingress: final score = retrieval cosine + w * P(Yes).
+
+The arithmetic lives in `model.fusion` (shared with the teacher and the evaluation's reranking);
+these are its names as the serving code and its tests know them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from umarvel_ray.model.fusion import fused_scores as fuse
+from umarvel_ray.model.fusion import rank_fused
 
-
-def fuse(cosines: Sequence[float], p_yes: Sequence[float], weight: float) -> list[float]:
-    """Fused scores, position by position."""
-    if len(cosines) != len(p_yes):
-        raise ValueError(f"{len(cosines)} cosines for {len(p_yes)} rerank scores")
-    return [float(c) + weight * float(p) for c, p in zip(cosines, p_yes, strict=True)]
-
-
-def rank_fused(ids: Sequence[str], cosines: Sequence[float], p_yes: Sequence[float], weight: float) -> list[int]:
-    """Positions ordered by fused score descending, ties by id ascending (the index's tie rule)."""
-    fused = fuse(cosines, p_yes, weight)
-    return sorted(range(len(ids)), key=lambda i: (-fused[i], ids[i]))
+__all__ = ["fuse", "rank_fused"]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from umarvel_ray.data.queries import QueryMeta, qid_sort_key
-from umarvel_ray.teacher.offsets import read_at
+from umarvel_ray.rerank.offsets import read_at
 
 
 def stratified_sample(

@@ -1,4 +1,5 @@
-"""The teacher score rule: cos + w * P(Yes), w per task; and the teacher.jsonl records built with it."""
+"""The teacher score rule: cos + w * P(Yes), w per task (`model.fusion`); and the teacher.jsonl records
+built with it."""
 
 from __future__ import annotations
 
@@ -7,19 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from umarvel_ray.index.local_pool import RetrievedQuery
+from umarvel_ray.model.fusion import fused_scores, task_weight
 from umarvel_ray.teacher.config import TeacherConfig
 
 
-def task_weight(task: str, default: float, weights: Mapping[str, float]) -> float:
-    """w of `task` in cos + w * P(Yes)."""
-    return float(weights.get(task, default))
-
-
 def teacher_scores(cos: Sequence[float], p_yes: Sequence[float] | None, weight: float) -> list[float]:
-    """cos + weight * p_yes element-wise in double precision (cos alone without p_yes)."""
+    """cos + weight * p_yes element-wise (`model.fusion.fused_scores`); cos alone without p_yes."""
     if p_yes is None:
         return [float(c) for c in cos]
-    return [float(c) + weight * float(p) for c, p in zip(cos, p_yes, strict=True)]
+    return fused_scores(cos, p_yes, weight)
 
 
 @dataclass
@@ -66,3 +63,6 @@ def teacher_records(
             }
         )
     return out
+
+
+__all__ = ["Records", "task_weight", "teacher_records", "teacher_scores"]

@@ -20,8 +20,8 @@ from umarvel_ray.config import resolve_against
 from umarvel_ray.embed.config import model_signature
 from umarvel_ray.index.local_pool import RetrievedQuery
 from umarvel_ray.io import atomic_write_json
+from umarvel_ray.rerank.offsets import scan_offsets
 from umarvel_ray.teacher.config import TeacherConfig
-from umarvel_ray.teacher.offsets import scan_offsets
 from umarvel_ray.teacher.rerank import ShardPYes, reranker_pixels, run_reranker
 
 log = logging.getLogger("umarvel_ray.teacher")

@@ -1,5 +1,5 @@
-"""Lines of the M-BEIR jsonl files by byte range: the teacher reads only the sampled queries and the
-retrieved candidates, where a scan found them (`scan_offsets`), not whole files."""
+"""Lines of the M-BEIR jsonl files by byte range: the re-ranker's decode tasks read only the queries
+and retrieved candidates they score, where a scan found them (`scan_offsets`), not whole files."""
 
 from __future__ import annotations
 
