@@ -298,7 +298,13 @@ def check_chain(parsed: dict[str, list[Any]]) -> None:
     (evaluate,), (embed,) = parsed["evaluate"], parsed["embed"]
     assert mine.model == str(run / "stage3" / "model"), "mine must embed with the stage-3 model"
     assert str(Path(mine.output_dir) / "negatives.jsonl") == stages["stage4"].negatives_file, "stage4 reads other negatives"
-    assert reranker.negatives_file == stages["stage4"].negatives_file, "the reranker reads other negatives"
+    (mine_reranker,) = parsed["mine-reranker"]
+    assert mine_reranker.model == str(run / "stage3" / "model") and mine_reranker.pool == "local", (
+        "the re-ranker's negatives come from the stage-3 model's local pools"
+    )
+    assert reranker.negatives_file == str(Path(mine_reranker.output_dir) / "negatives.jsonl"), (
+        "the reranker reads other negatives"
+    )
     assert teacher.model == str(run / "stage4" / "model"), "the teacher must retrieve with the stage-4 model"
     assert teacher.reranker == str(Path(reranker.output or Path(reranker.run_dir) / "reranker") / "model"), "teacher's reranker"
     assert str(Path(teacher.output_dir) / "teacher.jsonl") == stages["stage5"].teacher_file, "stage5 reads other scores"

@@ -60,7 +60,7 @@ def test_every_manifest_has_the_expected_kinds():
     assert kinds.count("RayService") == 1 and kinds.count("RayCluster") == 1
     assert kinds.count("PersistentVolumeClaim") == 1
     steps = {d["metadata"]["labels"]["umarvel-ray/step"] for d in _jobs().values()}
-    expected = {f"stage{i}" for i in range(1, 6)} | {"mine", "reranker", "teacher", "evaluate", "embed", "recipe"}
+    expected = {f"stage{i}" for i in range(1, 6)} | {"mine", "mine-reranker", "reranker", "teacher", "evaluate", "embed", "recipe"}
     assert steps == expected
 
 
