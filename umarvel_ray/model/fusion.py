@@ -5,7 +5,8 @@ cos + w * P(Yes) (w = 1; 0.5 for MSCOCO t->i, 0.1 for MSCOCO i->t), and U-MARVEL
 retriever's top-50 at query time with cos + 0.1 * P(Yes). `cos` is the embedder's cosine
 similarity (in [-1, 1]), `P(Yes)` the re-ranker's softmax probability of "Yes" over {Yes, No}
 (in [0, 1]). The teacher (teacher/scores.py), the evaluation's reranking (eval/rerank.py) and the
-serving ingress (serve/fusion.py) all call these functions. No torch: cheap to import anywhere.
+serving ingress (serve/fusion.py) all call these functions; `pairwise_wins` is the judge's one
+pairwise-accuracy rule (train/reranker_heldout.py, teacher/quality.py). No torch: cheap to import.
 """
 
 from __future__ import annotations
@@ -34,4 +35,13 @@ def rank_fused(ids: Sequence[str], cos: Sequence[float], p_yes: Sequence[float],
     return sorted(range(len(ids)), key=lambda i: (-fused[i], ids[i]))
 
 
-__all__ = ["fused_scores", "rank_fused", "task_weight"]
+def pairwise_wins(positives: Sequence[float], negatives: Sequence[float]) -> tuple[int, int]:
+    """(wins, pairs) of one query's re-ranker scores: pairs = len(positives) * len(negatives), wins =
+    the (positive, negative) pairs whose positive scores strictly higher (a tie is a loss, so a
+    constant judge scores 0). Summed over queries, wins / pairs is the pairwise accuracy the
+    re-ranker's held-out check and the teacher's quality report."""
+    wins = sum(1 for p in positives for n in negatives if float(p) > float(n))
+    return wins, len(positives) * len(negatives)
+
+
+__all__ = ["fused_scores", "pairwise_wins", "rank_fused", "task_weight"]

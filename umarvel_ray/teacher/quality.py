@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from umarvel_ray.model.fusion import pairwise_wins
+
 
 def first_positive_rank(order: Sequence[int], labels: Sequence[bool]) -> int | None:
     """1-based rank of the first positive in `order` (candidate indices, best first); None if none."""
@@ -63,8 +65,9 @@ def teacher_quality(
             pp, nn = p[lab & ok], p[~lab & ok]
             pos_p += pp.tolist()
             neg_p += nn.tolist()
-            wins += int((pp[:, None] > nn[None, :]).sum())
-            pairs += pp.size * nn.size
+            won, n_pairs = pairwise_wins(pp.tolist(), nn.tolist())
+            wins += won
+            pairs += n_pairs
     n = len(records)
     cos, fused = _ranking_stats(cos_ranks, n), _ranking_stats(fused_ranks, n)
     p_yes = None

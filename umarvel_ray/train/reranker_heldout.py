@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from umarvel_ray.model.fusion import pairwise_wins
+
 log = logging.getLogger(__name__)
 
 
@@ -34,8 +36,8 @@ def heldout_metrics(pos: Sequence[float], negs: Sequence[Sequence[float]]) -> di
     """
     if len(pos) != len(negs):
         raise ValueError(f"{len(pos)} positive scores but {len(negs)} negative lists")
-    pairs = sum(len(n) for n in negs)
-    wins = sum(1 for p, ns in zip(pos, negs, strict=True) for n in ns if float(p) > float(n))
+    counts = [pairwise_wins([p], ns) for p, ns in zip(pos, negs, strict=True)]
+    wins, pairs = sum(w for w, _ in counts), sum(n for _, n in counts)
     flat = [float(n) for ns in negs for n in ns]
     return {
         "queries": len(pos),
