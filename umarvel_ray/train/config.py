@@ -265,20 +265,9 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         epochs=1.0,
         learn_tau=True,
     ),
-    "stage6": dict(
-        data_kind="mbeir",
-        modalities=["text->text"],
-        objective="infonce",
-        num_negatives=5,
-        negatives_file=PRESET_NEGATIVES_FILE,
-        lora_r=128,
-        lora_alpha=256,
-        lr=1.5e-5,
-        per_device_batch=17,
-        epochs=1.0,
-        learn_tau=True,
-    ),
 }
+# MM-Embed's continual text->text fine-tuning: stage 4's settings on the text->text tasks only.
+STAGE_PRESETS["stage6"] = dict(STAGE_PRESETS["stage4"], modalities=["text->text"])
 
 
 @dataclass
